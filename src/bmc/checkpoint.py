@@ -1,0 +1,153 @@
+"""Saving and loading trained models: safetensors weights plus bmc.json, never pickle.
+
+A checkpoint is committed in three atomic renames: train_state (weights + optimizer + history, all
+that --resume needs, in one self-consistent file), then model.safetensors, then bmc.json. A kill
+between them leaves either the old or the new train_state, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bmc import __version__
+from bmc.artifact import (
+    META_FORMAT_VERSION,
+    RUN_META,
+    TRAIN_STATE,
+    WEIGHTS,
+    atomic_write_json,
+    load_tensors,
+    read_meta,
+    save_tensors,
+)
+from bmc.errors import CheckpointError
+
+MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, meta: dict) -> dict:
+    """Write the run's weights, resume state (when optimizer is given) and bmc.json; returns the meta written."""
+    state = model.state_dict()
+    if optimizer is not None:
+        resume_tensors = {MODEL_PREFIX + k: v for k, v in state.items()}
+        resume_tensors.update(_flatten_optimizer(optimizer))
+        save_tensors(
+            run_dir / TRAIN_STATE,
+            resume_tensors,
+            metadata={
+                "completed_epochs": str(meta["completed_epochs"]),
+                "history": json.dumps(meta["history"]),
+                "param_groups": json.dumps(_param_groups(optimizer)),
+            },
+        )
+    digest = save_tensors(run_dir / WEIGHTS, state)
+    meta = {**meta, "format_version": META_FORMAT_VERSION, "bmc_version": __version__}
+    meta["weights"] = {"file": WEIGHTS, "sha256": digest, "bytes": (run_dir / WEIGHTS).stat().st_size}
+    atomic_write_json(run_dir / RUN_META, meta)
+    return meta
+
+
+@dataclass
+class ResumeState:
+    completed_epochs: int
+    history: list[dict]
+    model_state: dict
+    optimizer_tensors: dict
+    param_groups: list[dict]
+
+
+def load_resume_state(run_dir: Path) -> ResumeState:
+    """Read RUN_DIR/train_state.safetensors, the state of the last complete epoch."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no resume state (the run finished, or never completed an epoch)")
+    tensors = load_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return ResumeState(
+            completed_epochs=int(metadata["completed_epochs"]),
+            history=json.loads(metadata["history"]),
+            model_state={k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
+            optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+            param_groups=json.loads(metadata["param_groups"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: resume state lacks {exc}") from None
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: ResumeState) -> None:
+    """Put the saved momentum buffers / Adam moments back into a freshly built optimizer."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    restored: dict[int, dict] = {}
+    for key, tensor in state.optimizer_tensors.items():
+        _, index, name = key.split(".", 2)
+        restored.setdefault(int(index), {})[name] = tensor
+    for index, entries in restored.items():
+        if index >= len(params):
+            raise CheckpointError(f"resume state has optimizer entries for parameter {index}; the model has {len(params)}")
+        optimizer.state[params[index]] = {name: value.to(params[index].device) if name != "step" else value for name, value in entries.items()}
+    for group, saved in zip(optimizer.param_groups, state.param_groups):
+        group.update(saved)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    flat = {}
+    for index, param in enumerate(params):
+        for name, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                flat[f"{OPTIM_PREFIX}{index}.{name}"] = value.detach().cpu()
+            else:
+                flat[f"{OPTIM_PREFIX}{index}.{name}"] = torch.tensor(value)
+    return flat
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [
+        {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None), list, tuple))}
+        for group in optimizer.param_groups
+    ]
+
+
+def load_state_into(model: torch.nn.Module, state: dict, source: Path) -> None:
+    """Load a state dict, naming the file and the first mismatch when it does not fit the model."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(f"{source}: weights do not match the architecture in {RUN_META} ({detail})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: weights do not match the architecture in {RUN_META} "
+                f"({key}: {list(tensor.shape)} in the file, {list(expected[key].shape)} in the model)"
+            )
+    model.load_state_dict(state)
+
+
+def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The trained model of RUN_DIR (eval mode, CPU) and its bmc.json."""
+    from bmc.models import create_model
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    try:
+        model_meta = meta["model"]
+        weights = meta["weights"]
+        model = create_model(
+            model_meta["name"], tuple(model_meta["data_input_shape"]), model_meta["num_classes"], check=False, **model_meta["args"]
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{run_dir / RUN_META}: missing field {exc}") from None
+    state = load_tensors(run_dir / weights["file"], expected_sha256=weights["sha256"])
+    load_state_into(model, state, run_dir / weights["file"])
+    return model.eval(), meta

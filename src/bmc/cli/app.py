@@ -1,0 +1,114 @@
+"""`bmc`: the command-line entry point. Heavy modules are imported inside the commands that need them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from bmc import __version__
+
+app = typer.Typer(
+    name="bmc",
+    help="Train, compress, export, benchmark and serve PyTorch models for the edge.",
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = False
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of the click typer runs on: its vendored copy (typer >= 0.22) or click."""
+    usage: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    try:
+        from typer._click import exceptions as vendored
+
+        usage.append(vendored.UsageError)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        usage.append(click.exceptions.UsageError)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(aborts)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bmc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    global _debug
+    _debug = debug
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def _register_commands() -> None:
+    from bmc.cli import info, later, train
+
+    train.register(app)
+    later.register(app)
+    info.register(app)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("bmc")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+
+
+def _fail(message: str, exit_code: int) -> int:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    typer.echo(f"error: {first_line}", err=True)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns (and exits with) 0 on success, 2 on usage errors, 1 on runtime errors."""
+    from bmc.errors import BmcError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _configure_logging()
+    _register_commands()
+    usage_errors, aborts = _click_exception_types()
+    try:
+        code = app(args=argv, prog_name="bmc", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except usage_errors as exc:
+        hint = f" (see `bmc {exc.ctx.info_name} --help`)" if exc.ctx and exc.ctx.parent else " (see `bmc --help`)"
+        code = _fail(exc.format_message() + hint, 2)
+    except aborts:
+        code = _fail("aborted", 130)
+    except KeyboardInterrupt:
+        code = _fail("interrupted", 130)
+    except BmcError as exc:
+        if debug:
+            raise
+        code = _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # the last line of defence: still one line, unless --debug
+        if debug:
+            raise
+        code = _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+    sys.exit(code)

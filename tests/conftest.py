@@ -1,0 +1,59 @@
+"""Shared fixtures: a scratch working directory per test and a small real slice of the shared CIFAR-10."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh directory, so runs/ and runs/latest of one test never leak into another."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BMC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg: 30 train and 10 test images per class."""
+    if not SHARED_CIFAR.is_file():
+        pytest.skip(f"the shared CIFAR-10 archive is not at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("cifar_slice")
+    wanted = {"train": 30, "test": 10}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(SHARED_CIFAR) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3:
+                continue
+            split, label = parts[-3], parts[-2]
+            if split not in wanted or counts.get((split, label), 0) >= wanted[split]:
+                continue
+            counts[(split, label)] = counts.get((split, label), 0) + 1
+            target = root / split / label / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+            if len(counts) == 20 and all(c >= wanted[s] for (s, _), c in counts.items()):
+                break
+    return root
+
+
+def run_bmc(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "bmc", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
