@@ -128,7 +128,9 @@ class SeedTransformer(nn.Module):
         d_model, heads, layers, ff_width = TRANSFORMER_PRESETS[preset]
         if len(input_shape) == 3:
             channels, height, width = input_shape
-            patch = patch_size or max(1, min(height, width) // 8)
+            # About 16 tokens for tiny images (8x8 digits) and 64 from 32 px up, as ViTs on CIFAR use.
+            side = min(height, width)
+            patch = patch_size or max(1, side // 8 if side >= 32 else side // 4)
             if height % patch or width % patch:
                 raise UsageError(f"seed-transformer patch_size {patch} must divide the image size {height}x{width}")
             self.tokenize = nn.Conv2d(channels, d_model, patch, stride=patch)

@@ -144,12 +144,15 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state) -> 
             lr = _learning_rate(config, global_step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch_start = step * config.batch_size + placement.rank * local_batch
-            indices = order[batch_start : batch_start + local_batch]
-            inputs = train_x[indices]
+            # Every process draws the augmentation of the whole global batch and keeps its share, so
+            # N processes see exactly the batches one process would.
+            global_indices = order[step * config.batch_size : (step + 1) * config.batch_size]
+            inputs = train_x[global_indices]
             if dataset.layout == IMAGE:
                 inputs = random_crop_flip(inputs, dataset.augmentation, generator)
-            inputs = normalizer(inputs).contiguous(memory_format=memory_format)
+            share = slice(placement.rank * local_batch, (placement.rank + 1) * local_batch)
+            indices = global_indices[share]
+            inputs = normalizer(inputs[share]).contiguous(memory_format=memory_format)
             targets = train_y[indices]
 
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -1,0 +1,82 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+
+import pytest
+
+from conftest import run_bmc
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_every_command_and_version_prints(workdir):
+    result = run_bmc("--help", cwd=workdir)
+    assert result.returncode == 0
+    for command in ("train", "compress", "export", "bench", "serve", "info"):
+        assert command in result.stdout
+    version = run_bmc("--version", cwd=workdir)
+    assert version.returncode == 0 and version.stdout.startswith("bmc 0.")
+
+
+def test_train_with_no_arguments_says_where_it_saved(workdir):
+    result = run_bmc("train", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("saved runs/digits-seed-cifar-cnn-1 (test accuracy 9")
+    assert "epoch  30" in result.stderr  # the per-epoch log next to the progress bars
+    assert (workdir / "runs" / "latest" / "bmc.json").is_file()
+
+    described = run_bmc("info", "runs/latest", cwd=workdir)
+    assert described.returncode == 0 and "seed-cifar-cnn" in described.stdout
+
+
+def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
+    result = run_bmc("train", "--model", "seed-mlp", "--epochs", "2", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "seed-mlp" and summary["epochs"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    quiet = run_bmc("train", "--epochs", "1", "--quiet", cwd=workdir)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args, exit_code, fragments",
+    [
+        (["train", "--model", "resnet2"], 2, ["unknown model 'resnet2'", "resnet20"]),
+        (["train", "--dataset", "digitz"], 2, ["unknown data set 'digitz'", "digits"]),
+        (["train", "--epochs", "0"], 2, ["epochs must be in [1, 100000]"]),
+        (["train", "--no-such-flag"], 2, ["No such option", "--no-such-flag"]),
+        (["train", "--dataset", "imagefolder", "--data-dir", "missing"], 1, ["missing: no such directory"]),
+        (["train", "--dataset", "imagefolder", "--data-dir", "."], 1, ["no train/ folder in ."]),
+        (["train", "--dataset", "cifar10", "--data-dir", "."], 1, ["no CIFAR-10 in .", "--download"]),
+        (["train", "--model", "resnet20", "--dataset", "iris"], 1, ["CIFAR ResNets need image inputs"]),
+        (["train", "--model-arg", "oops"], 2, ["--model-arg expects KEY=VALUE"]),
+        (["train", "--resume", "nowhere"], 1, ["nowhere: no bmc.json"]),
+        (["info", "nowhere"], 1, ["nowhere: no such run directory"]),
+        (["compress"], 1, ["not available in this version yet"]),
+    ],
+)
+def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code, fragments):
+    result = run_bmc(*args, cwd=workdir)
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    _one_line_error(result, *fragments)
+
+
+def test_truncated_checkpoint_on_resume_is_one_line(workdir):
+    # kill a run between epochs by asking for 3 epochs and truncating what it left
+    first = run_bmc("train", "--epochs", "3", "--quiet", "--out", "run", cwd=workdir)
+    assert first.returncode == 0
+    (workdir / "run" / "train_state.safetensors").write_bytes(b"\x00" * 10)
+    result = run_bmc("train", "--resume", "run", cwd=workdir)
+    assert result.returncode == 1
+    _one_line_error(result, "run/train_state.safetensors: not a readable safetensors file")
+
+
+def test_debug_shows_the_traceback(workdir):
+    result = run_bmc("--debug", "train", "--dataset", "imagefolder", "--data-dir", "missing", cwd=workdir)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "DataError" in result.stderr
