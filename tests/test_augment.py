@@ -44,3 +44,26 @@ def test_normalizer_matches_the_formula_and_resizes():
     )[None, :, None, None]
     np.testing.assert_allclose(Normalizer(normalization, image=True)(stored).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert Normalizer(normalization, image=True, resize_to=(32, 32))(stored).shape == (2, 3, 32, 32)
+
+
+def test_epoch_batches_split_one_global_batch_between_processes():
+    from bmc.train.augment import epoch_batches
+
+    images = _images(batch=40)
+    labels = torch.arange(40)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    normalizer = Normalizer(Normalization(1 / 255, (0.5,) * 3, (0.25,) * 3), image=True)
+    augmentation = Augmentation(crop_padding=2, horizontal_flip=True)
+
+    def batches(share):
+        generator = torch.Generator().manual_seed(7)
+        return list(epoch_batches(images, labels, order, 8, share, augmentation, normalizer, generator, torch.channels_last))
+
+    single = batches(slice(0, 8))
+    halves = [batches(slice(0, 4)), batches(slice(4, 8))]
+    assert len(single) == 5  # 40 images, batch 8
+    for whole, first, second in zip(single, *halves):
+        assert torch.equal(whole[0], torch.cat([first[0], second[0]]))
+        assert torch.equal(whole[1], torch.cat([first[1], second[1]]))
+        assert whole[0].is_contiguous(memory_format=torch.channels_last)
+    assert sorted(torch.cat([b[1] for b in single]).tolist()) == list(range(40))

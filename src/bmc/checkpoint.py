@@ -93,7 +93,15 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: ResumeState) -> N
     for index, entries in restored.items():
         if index >= len(params):
             raise CheckpointError(f"resume state has optimizer entries for parameter {index}; the model has {len(params)}")
-        optimizer.state[params[index]] = {name: value.to(params[index].device) if name != "step" else value for name, value in entries.items()}
+        param = params[index]
+        param_state = {}
+        for name, value in entries.items():
+            if name != "step" and value.shape == param.shape:
+                # Same strides as the parameter (channels_last for convolutions): fused optimizer
+                # kernels walk parameter, gradient and state as one flat layout.
+                value = torch.empty_like(param).copy_(value)
+            param_state[name] = value
+        optimizer.state[param] = param_state
     for group, saved in zip(optimizer.param_groups, state.param_groups):
         group.update(saved)
 

@@ -1,0 +1,50 @@
+"""Shared by the benchmark scripts: the real CIFAR-10 tree, environment records, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+from bmc.artifact import atomic_write_json
+from bmc.environment import environment
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+
+
+def cifar_tree(data_dir: Path | None) -> Path:
+    """A directory holding train/ and test/ of the shared CIFAR-10 JPEGs, unpacked on demand."""
+    if data_dir is not None:
+        return data_dir
+    if not SHARED_CIFAR.is_file():
+        raise SystemExit(f"no --data-dir given and {SHARED_CIFAR} is missing")
+    target = Path(tempfile.gettempdir()) / "bmc-cifar10-jpeg"
+    if not (target / "train").is_dir() or not (target / "test").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_CIFAR) as archive:
+            archive.extractall(target, filter="data")
+    return target
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+
+
+def write_results(name: str, results: dict, out: Path | None = None) -> Path:
+    """Write results plus the environment they were measured in; returns the JSON path."""
+    path = out or RESULTS / f"{name}.json"
+    atomic_write_json(path, {"benchmark": name, "environment": environment(), **results})
+    print(f"\nwrote {path}")
+    return path
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2)
