@@ -25,6 +25,16 @@ WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.safetensors"
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# mkstemp creates 0600 files; written artifacts get the permissions a plain open() would give.
+FILE_MODE = 0o666 & ~_umask()
 META_FORMAT_VERSION = 1
 
 
@@ -34,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -58,6 +69,14 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def write_sidecar_sha256(path: Path, digest: str | None = None) -> Path:
+    """Write PATH.sha256 in `sha256sum` format next to a model file; returns the sidecar's path."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    atomic_write_bytes(sidecar, f"{digest or sha256_file(path)}  {path.name}\n".encode())
+    return sidecar
+
+
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> str:
     """Save a dict of tensors as safetensors atomically; returns the file's sha256."""
     from safetensors.torch import save_file
@@ -71,6 +90,7 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         digest = sha256_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

@@ -60,10 +60,12 @@ def _root(
 
 
 def _register_commands() -> None:
-    from bmc.cli import info, later, train
+    from bmc.cli import bench, export, info, later, train
 
     train.register(app)
     later.register(app)
+    export.register(app)
+    bench.register(app)
     info.register(app)
 
 

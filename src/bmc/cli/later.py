@@ -8,8 +8,6 @@ from bmc.errors import BmcError
 
 PLANNED = {
     "compress": "Prune, quantize and distill a model (runs/latest by default).",
-    "export": "Export a run to ONNX, verified against PyTorch.",
-    "bench": "Measure ONNX models in onnxruntime: size, latency, throughput, accuracy.",
     "serve": "Serve ONNX models over the Open Inference Protocol (KServe v2).",
 }
 

@@ -1,0 +1,57 @@
+"""`bmc export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def export_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: runs/latest)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Export this architecture directly instead of a run."),
+    input_size: int = typer.Option(224, "--input-size", help="With --model: square input size."),
+    num_classes: int = typer.Option(1000, "--num-classes", help="With --model: output classes."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With --model: load weights from this run."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output path (default: RUN_DIR/model.onnx)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to 1 instead of a dynamic axis."),
+    format: str = typer.Option("onnx", "--format", help="onnx, or triton for a Triton model repository."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest |onnxruntime - PyTorch| accepted."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Export a run (or an architecture) to ONNX, verified against PyTorch in onnxruntime."""
+    from bmc.export import ExportConfig, export
+
+    if run_dir is not None and model is not None:
+        from bmc.errors import UsageError
+
+        raise UsageError("give either RUN_DIR or --model, not both")
+    result = export(
+        ExportConfig(
+            run_dir=run_dir,
+            model=model,
+            input_size=input_size,
+            num_classes=num_classes,
+            checkpoint=checkpoint,
+            out=out,
+            opset=opset,
+            dynamic_batch=not static_batch,
+            format=format,
+            atol=atol,
+        )
+    )
+    if json_output:
+        typer.echo(json.dumps(result.summary(), indent=2))
+        return
+    agreement = f", top-1 agreement {result.top1_agreement:.2%}" if result.top1_agreement is not None else ""
+    typer.echo(
+        f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, sha256 {result.sha256[:12]}…); "
+        f"verified on {result.verified_on}: max |ORT - PyTorch| {result.max_abs_diff:.2g}{agreement}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
