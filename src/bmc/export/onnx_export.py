@@ -39,7 +39,7 @@ def export_model(config: ExportConfig) -> ExportResult:
         _torch_export(model, inputs[:1], staged, config)
         _write_metadata(staged, metadata)
         _check(staged)
-        max_abs_diff, agreement = _parity(model, inputs, staged)
+        max_abs_diff, agreement = _parity(model, inputs, staged, VERIFY_BATCH if config.dynamic_batch else 1)
         if not max_abs_diff <= config.atol:  # also catches NaN
             raise ParityError(target, max_abs_diff, config.atol, agreement)
         # External data first, the model file last: a reader never sees a model without its weights.
@@ -200,7 +200,7 @@ def _check(path: Path) -> None:
         raise ExportError(f"{path.name}: onnx.checker rejects the exported model: {first}") from None
 
 
-def _parity(model: torch.nn.Module, inputs: torch.Tensor, path: Path) -> tuple[float, float | None]:
+def _parity(model: torch.nn.Module, inputs: torch.Tensor, path: Path, batch_size: int) -> tuple[float, float | None]:
     """Max |onnxruntime - PyTorch| over the inputs, and how often their top-1 classes agree."""
     import onnxruntime as ort
 
@@ -210,8 +210,8 @@ def _parity(model: torch.nn.Module, inputs: torch.Tensor, path: Path) -> tuple[f
     max_abs_diff = 0.0
     agree = total = 0
     with torch.no_grad():
-        for start in range(0, len(inputs), VERIFY_BATCH):
-            batch = inputs[start : start + VERIFY_BATCH].contiguous()
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].contiguous()
             expected = model(batch).float().numpy()
             actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy().astype(np.float32)})[0]
             if actual.shape != expected.shape:
