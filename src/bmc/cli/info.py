@@ -10,10 +10,13 @@ import typer
 
 
 def info_command(
-    target: Optional[Path] = typer.Argument(None, help="A run directory; omit to list data sets, models and the machine."),
+    target: Optional[Path] = typer.Argument(None, help="A run directory or an ONNX file; omit to list data sets, models and the machine."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List data sets, models and this machine's capabilities, or describe a run directory."""
+    """List data sets, models and this machine's capabilities, or describe a run directory or an ONNX file."""
+    if target is not None and (target.is_file() or target.suffix.lower() == ".onnx"):
+        _describe_onnx(target, json_output)
+        return
     if target is not None:
         from bmc.artifact import read_meta, resolve_run_dir
 
@@ -45,6 +48,42 @@ def info_command(
         typer.echo(f"  {name:<16} {text}")
     cpu = report["environment"]["cpu"]
     typer.echo(f"cpu: {cpu['model']}, {cpu['usable_cores']} cores, flags: {' '.join(cpu['flags']) or 'none of interest'}")
+
+
+def _describe_onnx(path: Path, json_output: bool) -> None:
+    from bmc.bench import describe_model
+    from bmc.bench.model_file import printable
+
+    facts = describe_model(path)
+    if json_output:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+
+    def echo(line: str) -> None:
+        # Names and metadata come from the file: no terminal escapes from it reach the screen.
+        typer.echo(printable(line))
+
+    sparsity = f"{facts['weight_sparsity']:.1%} zero weights" if facts["weight_sparsity"] is not None else "no float weights"
+    extra = f" + {len(facts['data_files'])} external data file(s)" if facts["data_files"] else ""
+    echo(f"model      {path}  (ONNX IR {facts['ir_version']}, opset {facts['opset']}, producer {facts['producer'] or '?'})")
+    echo(f"size       {facts['size_bytes'] / 1e6:.3f} MB{extra}, gzip {facts['gzip_bytes'] / 1e6:.3f} MB")
+    echo(f"parameters {facts['parameters']:,}  {facts['numeric_format']}, {sparsity}")
+    for label, values in (("inputs", facts["inputs"]), ("outputs", facts["outputs"])):
+        for index, value in enumerate(values):
+            shape = "[" + ", ".join(str(d) for d in value["shape"]) + "]"
+            echo(f"{label if index == 0 else '':<10} {value['name']}  {value['dtype']} {shape}")
+    echo("operators  " + ", ".join(f"{op} {count}" for op, count in facts["operators"].items()))
+    metadata = facts["metadata"]
+    if metadata:
+        classes = metadata["class_names"]
+        shown = ", ".join(classes[:10]) + (", …" if len(classes) > 10 else "")
+        echo(f"metadata   bmc {metadata['bmc_version']}: model {metadata['model']}, data set {metadata['dataset'] or '-'}, task {metadata['task']}")
+        echo(f"           input {metadata['input_layout']} {metadata['input_shape']} (data {metadata['data_input_shape']}), normalization {json.dumps(metadata['normalization'])}")
+        echo(f"           {len(classes)} classes: {shown}")
+        if metadata["source_sha256"]:
+            echo(f"           source sha256 {metadata['source_sha256'][:16]}…")
+    for key, value in facts["other_metadata"].items():
+        echo(f"metadata   {key} = {value[:200]}")
 
 
 def register(app: typer.Typer) -> None:

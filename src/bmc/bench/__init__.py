@@ -1,0 +1,180 @@
+"""Benchmark ONNX models in onnxruntime: size, latency, throughput and accuracy. Never imports torch.
+
+`bench([Path("model.onnx")], BenchConfig(data="digits"))` returns a Report; `describe_model(path)`
+is what `bmc info MODEL.onnx` prints. Every file is opened through `model_file.open_model`, which
+checks it (external data included) before onnxruntime sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bmc.errors import BmcError, CheckpointError, DataError, UsageError
+
+if TYPE_CHECKING:
+    from bmc.bench.report import Report
+
+DEVICES = ("cpu", "cuda", "auto")
+MAX_BATCH_SIZE = 1 << 16
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to measure: batch sizes, device, how long, threads, and the data set for accuracy (if any)."""
+
+    batch_sizes: tuple[int, ...] = (1, 32)
+    device: str = "cpu"
+    iters: int | None = None  # timed runs per batch size; with seconds None too: about 1 s each
+    seconds: float | None = None
+    warmup: int = 5
+    threads: int | None = None  # onnxruntime intra-op threads; None: its default (one per physical core)
+    data: str | None = None
+    data_dir: Path | None = None
+    cuda_graph: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # a list from a caller stays hashable data
+        if not self.batch_sizes:
+            raise UsageError("batch_sizes must name at least one batch size")
+        for batch_size in self.batch_sizes:
+            if not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+                raise UsageError(f"batch sizes must be in [1, {MAX_BATCH_SIZE}]; got {batch_size!r}")
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise UsageError(f"batch sizes must differ; got {list(self.batch_sizes)}")
+        if self.device not in DEVICES:
+            raise UsageError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.iters is not None and self.seconds is not None:
+            raise UsageError("give iters or seconds, not both")
+        if self.iters is not None and not 1 <= self.iters <= 10_000_000:
+            raise UsageError(f"iters must be in [1, 10000000]; got {self.iters}")
+        if self.seconds is not None and not 0 < self.seconds <= 3600:
+            raise UsageError(f"seconds must be in (0, 3600]; got {self.seconds}")
+        if not 0 <= self.warmup <= 100_000:
+            raise UsageError(f"warmup must be in [0, 100000]; got {self.warmup}")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise UsageError(f"threads must be in [1, 1024]; got {self.threads}")
+        if self.cuda_graph and self.device == "cpu":
+            raise UsageError("cuda_graph needs device cuda or auto")
+        if self.data_dir is not None and self.data is None:
+            raise UsageError("data_dir needs data (--data NAME)")
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["batch_sizes"] = list(self.batch_sizes)
+        values["data_dir"] = str(self.data_dir) if self.data_dir is not None else None
+        return values
+
+
+def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfig()) -> Report:
+    """Measure each model file; returns a Report whose ratios are against the first file."""
+    from bmc.bench.accuracy import evaluate, load_eval_dataset, plan_preprocessing
+    from bmc.bench.describe import model_facts
+    from bmc.bench.model_file import open_model
+    from bmc.bench.report import ModelResult, Report
+    from bmc.bench.sessions import SessionError, create_session
+    from bmc.bench.timing import BatchSizeError, measure, random_inputs, runner
+    from bmc.environment import environment
+    from bmc.export.metadata import ModelMetadata
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UsageError("no models to bench")
+    names = _display_names(paths)
+    # Every file is opened, checked and matched to the data before any is measured: a bad second
+    # file fails in a second, not after the first file's minutes of timing.
+    prepared = []
+    datasets: dict[tuple, object] = {}  # one load per distinct data shape
+    for path, name in zip(paths, names):
+        model = open_model(path)
+        metadata = ModelMetadata.from_props(model.metadata_props)
+        shape = _model_shape(model, metadata)
+        plan = dataset = None
+        if config.data is not None:
+            if len(model.inputs) != 1:
+                raise DataError(f"{path}: accuracy needs a model with one input; it has {len(model.inputs)}")
+            if any(not isinstance(d, int) for d in shape):
+                raise DataError(f"{path}: input shape {list(shape)} has dynamic axes the metadata does not size")
+            key = tuple(metadata.data_input_shape) or shape
+            if key not in datasets:
+                datasets[key] = load_eval_dataset(config.data, config.data_dir, metadata, shape)
+            dataset = datasets[key]
+            plan = plan_preprocessing(str(path), metadata, shape, dataset)
+        prepared.append((path, name, model_facts(model), shape, plan, dataset))
+        del model  # the parsed proto can be as large as the weights; the session loads its own copy
+
+    results = []
+    for path, name, facts, shape, plan, dataset in prepared:
+        session = create_session(path, config.device, config.threads)
+        timings = []
+        skipped = []
+        for batch_size in config.batch_sizes:
+            timed = session
+            if config.cuda_graph and session.device == "cuda":
+                # A CUDA graph is captured for one set of shapes: one session per batch size.
+                timed = create_session(path, "cuda", config.threads, cuda_graph=True)
+            try:
+                feeds = random_inputs(timed.session, batch_size, _int_shape(shape), config.seed)
+                run_once = runner(timed, feeds)
+            except BatchSizeError as exc:
+                skipped.append((batch_size, str(exc)))
+                continue
+            except SessionError as exc:
+                raise SessionError(f"{path}: {exc}") from None
+            timings.append(measure(run_once, batch_size, config.warmup, config.iters, config.seconds, label=str(path)))
+            del timed, feeds, run_once
+        quality = evaluate(session.session, plan, dataset, str(path)) if plan is not None else None
+        results.append(ModelResult(name, facts, session.device, session.providers, tuple(timings), tuple(skipped), quality))
+        del session
+    return Report(tuple(results), tuple(config.batch_sizes), config.to_dict(), environment())
+
+
+def describe_model(path: Path | str) -> dict:
+    """What `bmc info MODEL.onnx` shows: sizes, parameters, format, sparsity, opset, operators, I/O, metadata."""
+    from bmc.bench.describe import model_facts
+    from bmc.bench.model_file import open_model
+
+    return model_facts(open_model(path)).to_dict()
+
+
+def default_model_paths() -> list[Path]:
+    """The .onnx files of runs/latest (model.onnx first), for `bmc bench` with no paths."""
+    from bmc.artifact import resolve_run_dir
+
+    try:
+        run_dir = resolve_run_dir(None)
+    except CheckpointError:
+        raise BmcError(
+            "no models given and runs/latest does not exist; pass MODEL.onnx files, or run `bmc train` and `bmc export`"
+        ) from None
+    paths = sorted(run_dir.glob("*.onnx"), key=lambda p: (p.name != "model.onnx", p.name))
+    if not paths:
+        raise BmcError(f"no models given and no .onnx files in {run_dir}; run `bmc export` first")
+    return paths
+
+
+def _display_names(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    # Two runs' model.onnx side by side need their folders to tell them apart.
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def _model_shape(model, metadata) -> tuple[int | str, ...]:
+    """The first input's shape without the batch axis; dynamic axes sized from the metadata where it can."""
+    inputs = model.inputs
+    if not inputs:
+        raise BmcError(f"{model.path}: the model has no inputs to feed")
+    dims = tuple(inputs[0].shape[1:])
+    known = tuple(metadata.input_shape)
+    if len(known) == len(dims):
+        dims = tuple(k if not isinstance(d, int) else d for d, k in zip(dims, known))
+    return dims
+
+
+def _int_shape(shape: tuple) -> tuple[int, ...]:
+    return tuple(shape) if all(isinstance(d, int) for d in shape) else ()
+
+
+__all__ = ["BenchConfig", "bench", "describe_model", "default_model_paths"]

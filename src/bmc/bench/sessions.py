@@ -1,0 +1,152 @@
+"""onnxruntime sessions for cpu or cuda, and the providers a session really got.
+
+onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU and its libraries are there, and
+quietly falls back to the CPU when they are not; the only truth is `session.get_providers()` of a
+session that was actually created.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from bmc.bench.model_file import printable
+from bmc.errors import BmcError
+
+DEVICES = ("cpu", "cuda", "auto")
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# Fatal messages only. onnxruntime's errors reach the caller as exceptions too (and become one line);
+# logged as well, they would be a second, colored copy on stderr. The CUDA provider's failed library
+# loads on CPU-only machines are logged at error level, and are expected.
+LOG_SEVERITY_FATAL = 4
+
+
+class SessionError(BmcError):
+    """onnxruntime could not create a session, or not on the requested device."""
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """A created session, the device it runs on and the providers it really got."""
+
+    session: object  # onnxruntime.InferenceSession
+    path: Path
+    device: str  # "cpu" or "cuda"
+    providers: tuple[str, ...]
+    threads: int | None = None
+    cuda_graph: bool = False
+
+
+def session_options(threads: int | None):
+    """The SessionOptions every bench session uses: sequential execution, `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = LOG_SEVERITY_FATAL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One operator at a time: the models bench measures are chains, and a second pool only adds jitter.
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def create_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False) -> OpenSession:
+    """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise SessionError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    ort.set_default_logger_severity(LOG_SEVERITY_FATAL)
+    if device == "cpu":
+        session = _new_session(ort, path, threads, [CPU_PROVIDER])
+        return OpenSession(session, Path(path), "cpu", tuple(session.get_providers()), threads)
+
+    _prepare_cuda(ort)
+    cuda_options = {"device_id": "0"}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    session = _new_session(ort, path, threads, [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER])
+    providers = tuple(session.get_providers())
+    if CUDA_PROVIDER in providers:
+        return OpenSession(session, Path(path), "cuda", providers, threads, cuda_graph)
+    if device == "cuda":
+        raise SessionError(
+            f"{path}: --device cuda, but onnxruntime runs this session on {', '.join(providers)} only "
+            "(no GPU, or the CUDA 13 / cuDNN 9 libraries are missing)"
+        )
+    if cuda_graph:
+        # The fallback session was made with CUDA options; a plain CPU one keeps the numbers comparable.
+        return create_session(path, "cpu", threads)
+    return OpenSession(session, Path(path), "cpu", providers, threads)
+
+
+@lru_cache(maxsize=1)
+def cuda_works() -> bool:
+    """Whether a session on a tiny model really gets the CUDA provider on this machine."""
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(LOG_SEVERITY_FATAL)
+    _prepare_cuda(ort)
+    try:
+        session = ort.InferenceSession(_tiny_model_bytes(), session_options(1), providers=[CUDA_PROVIDER, CPU_PROVIDER])
+    except Exception:  # any failure to build it means no usable GPU
+        return False
+    return CUDA_PROVIDER in session.get_providers()
+
+
+def _new_session(ort, path: Path, threads: int | None, providers: list):
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types; one line each
+        raise SessionError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
+
+
+def _prepare_cuda(ort) -> None:
+    # The CUDA and cuDNN libraries come from pip's nvidia-* wheels; without torch imported first,
+    # onnxruntime finds them only when asked to preload them.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # missing wheels: session creation then reports what it lacks
+            pass
+
+
+def _tiny_model_bytes() -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+def ort_message(exc: Exception) -> str:
+    """onnxruntime's reason on one line, without its error-code prefix and C++ source location."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    location = re.search(r"/onnxruntime_src/\S+:\d+ ", text)
+    if location is not None:
+        text = text[: location.start()] + _after_signature(text[location.end() :])
+    return printable(text[:300]) or type(exc).__name__
+
+
+def _after_signature(text: str) -> str:
+    """What follows a C++ function signature like `ns::f(const T&, U) `."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return text[index + 1 :].strip()
+    return text
