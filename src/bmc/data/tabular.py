@@ -1,0 +1,139 @@
+"""Data sets that ship inside scikit-learn (no download) and synthetic tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmc.data import (
+    CLASSIFICATION,
+    IMAGE,
+    REGRESSION,
+    TABLE,
+    Augmentation,
+    DataConfig,
+    Dataset,
+    Normalization,
+    register_dataset,
+)
+
+# The split is part of the data set's definition: every run, on every machine, sees the same one.
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+
+
+def _split(x: np.ndarray, y: np.ndarray, stratify: bool) -> tuple[np.ndarray, ...]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(
+        x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y if stratify else None
+    )
+
+
+def _feature_normalization(train_x: np.ndarray) -> Normalization:
+    std = train_x.std(axis=0)
+    std[std == 0] = 1.0
+    return Normalization(1.0, tuple(float(v) for v in train_x.mean(axis=0)), tuple(float(v) for v in std))
+
+
+@register_dataset("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images (embedded default)")
+def load_digits(config: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    # Pixel values are 0..16; stored as uint8 0..255 like every other image set.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = _split(images, labels, stratify=True)
+    mean = float(train_x.mean() / 255.0)
+    std = float(train_x.std() / 255.0)
+    return Dataset(
+        name="digits",
+        train_x=np.ascontiguousarray(train_x),
+        train_y=train_y,
+        test_x=np.ascontiguousarray(test_x),
+        test_y=test_y,
+        input_shape=(1, 8, 8),
+        normalization=Normalization(1 / 255, (round(mean, 6),), (round(std, 6),)),
+        layout=IMAGE,
+        class_names=tuple(str(d) for d in range(10)),
+        # One pixel of shift is a lot at 8x8; flips would turn digits into other symbols.
+        augmentation=Augmentation(crop_padding=1, horizontal_flip=False),
+        default_model="seed-cifar-cnn",
+        source="sklearn.datasets.load_digits",
+    )
+
+
+@register_dataset("iris", "scikit-learn's iris table: 150 flowers, 4 features, 3 classes")
+def load_iris(config: DataConfig) -> Dataset:
+    from sklearn.datasets import load_iris as sk_iris
+
+    bunch = sk_iris()
+    train_x, test_x, train_y, test_y = _split(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True)
+    return Dataset(
+        name="iris",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        input_shape=(4,),
+        normalization=_feature_normalization(train_x),
+        layout=TABLE,
+        class_names=tuple(str(n) for n in bunch.target_names),
+        default_model="seed-iris-mlp",
+        source="sklearn.datasets.load_iris",
+    )
+
+
+@register_dataset("diabetes", "scikit-learn's diabetes regression table: 442 patients, 10 features")
+def load_diabetes(config: DataConfig) -> Dataset:
+    from sklearn.datasets import load_diabetes as sk_diabetes
+
+    bunch = sk_diabetes()
+    train_x, test_x, train_y, test_y = _split(
+        bunch.data.astype(np.float32), bunch.target.astype(np.float32), stratify=False
+    )
+    return Dataset(
+        name="diabetes",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        input_shape=(10,),
+        normalization=_feature_normalization(train_x),
+        layout=TABLE,
+        task=REGRESSION,
+        default_model="seed-linear",
+        source="sklearn.datasets.load_diabetes",
+    )
+
+
+@register_dataset("synthetic", "random tensors of --input-shape, for smoke tests and latency work")
+def load_synthetic(config: DataConfig) -> Dataset:
+    rng = np.random.default_rng(SPLIT_SEED)
+    shape = tuple(config.synthetic_shape)
+    is_image = len(shape) == 3
+    n_train, n_test = config.synthetic_train_samples, config.synthetic_test_samples
+    if is_image:
+        train_x = rng.integers(0, 256, size=(n_train, *shape), dtype=np.uint8)
+        test_x = rng.integers(0, 256, size=(n_test, *shape), dtype=np.uint8)
+        normalization = Normalization(1 / 255, (0.5,) * shape[0], (0.25,) * shape[0])
+    else:
+        train_x = rng.standard_normal((n_train, *shape), dtype=np.float32)
+        test_x = rng.standard_normal((n_test, *shape), dtype=np.float32)
+        width = shape[-1]
+        normalization = Normalization(1.0, (0.0,) * width, (1.0,) * width)
+    classes = config.synthetic_classes
+    return Dataset(
+        name="synthetic",
+        train_x=train_x,
+        train_y=rng.integers(0, classes, size=n_train).astype(np.int64),
+        test_x=test_x,
+        test_y=rng.integers(0, classes, size=n_test).astype(np.int64),
+        input_shape=shape,
+        normalization=normalization,
+        layout=IMAGE if is_image else TABLE,
+        task=CLASSIFICATION,
+        class_names=tuple(f"class_{i}" for i in range(classes)),
+        default_model="seed-cifar-cnn" if is_image else "seed-mlp",
+        source=f"synthetic {shape}",
+    )
