@@ -60,12 +60,13 @@ def _root(
 
 
 def _register_commands() -> None:
-    from bmc.cli import bench, export, info, later, train
+    from bmc.cli import bench, export, info, later, serve, train
 
     train.register(app)
     later.register(app)
     export.register(app)
     bench.register(app)
+    serve.register(app)
     info.register(app)
 
 

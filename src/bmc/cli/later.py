@@ -8,7 +8,6 @@ from bmc.errors import BmcError
 
 PLANNED = {
     "compress": "Prune, quantize and distill a model (runs/latest by default).",
-    "serve": "Serve ONNX models over the Open Inference Protocol (KServe v2).",
 }
 
 
