@@ -19,7 +19,8 @@ def export_command(
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to 1 instead of a dynamic axis."),
     format: str = typer.Option("onnx", "--format", help="onnx, or triton for a Triton model repository."),
-    atol: float = typer.Option(1e-4, "--atol", help="Largest |onnxruntime - PyTorch| accepted."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half-precision weights, inputs and outputs."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Largest |onnxruntime - PyTorch| accepted (default 1e-4, 5e-2 with --fp16)."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Export a run (or an architecture) to ONNX, verified against PyTorch in onnxruntime."""
@@ -40,6 +41,7 @@ def export_command(
             opset=opset,
             dynamic_batch=not static_batch,
             format=format,
+            fp16=fp16,
             atol=atol,
         )
     )

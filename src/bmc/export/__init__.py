@@ -14,6 +14,8 @@ from bmc.errors import BmcError, UsageError
 FORMATS = ("onnx", "triton")
 DEFAULT_OPSET = 17
 FP32_ATOL = 1e-4
+# fp16 keeps ~3 significant digits: logits of order 10 differ from fp32 by up to ~1e-2.
+FP16_ATOL = 5e-2
 
 
 class ExportError(BmcError):
@@ -47,8 +49,13 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     dynamic_batch: bool = True
     format: str = "onnx"
-    atol: float = FP32_ATOL
+    fp16: bool = False
+    atol: float | None = None  # default: FP32_ATOL, or FP16_ATOL with fp16
     verify_samples: int = 64
+
+    @property
+    def tolerance(self) -> float:
+        return self.atol if self.atol is not None else (FP16_ATOL if self.fp16 else FP32_ATOL)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -57,7 +64,7 @@ class ExportConfig:
             raise UsageError(f"opset must be in [7, 23]; got {self.opset}")
         if not 1 <= self.input_size <= 4096:
             raise UsageError(f"input_size must be in [1, 4096]; got {self.input_size}")
-        if not 0 < self.atol <= 1:
+        if self.atol is not None and not 0 < self.atol <= 1:
             raise UsageError(f"atol must be in (0, 1]; got {self.atol}")
         if not 1 <= self.verify_samples <= 4096:
             raise UsageError(f"verify_samples must be in [1, 4096]; got {self.verify_samples}")

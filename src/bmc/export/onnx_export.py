@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -36,12 +38,16 @@ def export_model(config: ExportConfig) -> ExportResult:
     staging = Path(tempfile.mkdtemp(prefix=".bmc-export-", dir=target.parent))
     try:
         staged = staging / target.name
-        _torch_export(model, inputs[:1], staged, config)
+        exported = copy.deepcopy(model).half() if config.fp16 else model
+        _torch_export(exported, inputs[:1].to(next(exported.parameters()).dtype), staged, config)
+        if config.fp16:
+            metadata = dataclasses.replace(metadata, precision="fp16")
         _write_metadata(staged, metadata)
         _check(staged)
+        # Always against the fp32 PyTorch model: an fp16 file is judged by how far it is from the original.
         max_abs_diff, agreement = _parity(model, inputs, staged, VERIFY_BATCH if config.dynamic_batch else 1)
-        if not max_abs_diff <= config.atol:  # also catches NaN
-            raise ParityError(target, max_abs_diff, config.atol, agreement)
+        if not max_abs_diff <= config.tolerance:  # also catches NaN
+            raise ParityError(target, max_abs_diff, config.tolerance, agreement)
         # External data first, the model file last: a reader never sees a model without its weights.
         for extra in sorted(p for p in staging.iterdir() if p.name != target.name):
             os.replace(extra, target.parent / extra.name)
@@ -58,7 +64,7 @@ def export_model(config: ExportConfig) -> ExportResult:
         size_bytes=_total_size(target),
         max_abs_diff=max_abs_diff,
         top1_agreement=agreement,
-        atol=config.atol,
+        atol=config.tolerance,
         verified_on=verified_on,
         opset=config.opset,
     )
@@ -207,13 +213,14 @@ def _parity(model: torch.nn.Module, inputs: torch.Tensor, path: Path, batch_size
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     max_abs_diff = 0.0
     agree = total = 0
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start : start + batch_size].contiguous()
             expected = model(batch).float().numpy()
-            actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy().astype(np.float32)})[0]
+            actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy().astype(input_dtype)})[0].astype(np.float32)
             if actual.shape != expected.shape:
                 raise ExportError(f"{path.name}: onnxruntime output shape {actual.shape}, PyTorch {expected.shape}")
             max_abs_diff = max(max_abs_diff, float(np.max(np.abs(actual - expected))) if actual.size else 0.0)
@@ -237,13 +244,14 @@ def _write_triton_config(model_dir: Path, metadata: ModelMetadata, input_shape, 
     from bmc.artifact import atomic_write_bytes
 
     classes = len(metadata.class_names) or 1
+    data_type = "TYPE_FP16" if metadata.precision == "fp16" else "TYPE_FP32"
     dims = ", ".join(str(int(d)) for d in input_shape)
     batching = "max_batch_size: 64\ndynamic_batching {\n  max_queue_delay_microseconds: 1000\n}\n" if config.dynamic_batch else "max_batch_size: 0\n"
     text = (
         f'name: "{model_dir.name}"\n'
         'backend: "onnxruntime"\n'
         f"{batching}"
-        f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: TYPE_FP32\n    dims: [ {dims} ]\n  }}\n]\n'
-        f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: TYPE_FP32\n    dims: [ {classes} ]\n  }}\n]\n'
+        f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}\n]\n'
+        f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: {data_type}\n    dims: [ {classes} ]\n  }}\n]\n'
     )
     atomic_write_bytes(model_dir / "config.pbtxt", text.encode())

@@ -1,0 +1,108 @@
+"""`bmc serve`: ONNX models over the Open Inference Protocol (KServe v2 REST), with dynamic batching.
+
+No torch here, directly or indirectly: the server runs on a box with onnxruntime and numpy only.
+`serve(ServeConfig(models=(Path("digits.onnx"),)))` checks each file's sha256, loads and warms it up,
+then serves until SIGTERM/SIGINT.
+
+Status codes, so clients can act on them:
+  400  the request is malformed or does not fit the model (`{"error": ...}` names the problem)
+  404  unknown route or model          405  known route, wrong method (Allow says which)
+  413  body larger than --max-body-bytes (refused before the body is read)
+  503  the queue is full, or the server is shutting down: retry later (Retry-After: 1)
+  504  the request's --timeout-ms passed before its result was ready (queued or running)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bmc.errors import UsageError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # Triton's default request size limit
+PROVIDER_CHOICES = ("cpu", "cuda", "auto")
+# Model names go into URLs and metric labels: keep them to characters that need no escaping.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _default_threads() -> int:
+    # One core stays with the event loop, which parses and encodes every request.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `bmc serve` serves and how; validated when built."""
+
+    models: tuple[Path, ...]
+    names: tuple[str, ...] = ()  # one per model, in order; default: each file's stem
+    host: str = DEFAULT_HOST
+    port: int = 8000
+    max_batch: int = 32  # 1 = no batching
+    max_delay_ms: float = 2.0
+    max_queue: int = 256  # requests waiting per model, the running batch excluded
+    timeout_ms: float = 30_000.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    reject_nonfinite: bool = False
+    sha256: tuple[str, ...] = ()  # one per model, in order; default: each file's sidecar MODEL.onnx.sha256
+    threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
+    providers: str = "cpu"
+    exit_timeout_s: float = 30.0  # Triton's default grace period
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(Path(m) for m in self.models))
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "sha256", tuple(s.strip().lower() for s in self.sha256))
+        if not self.models:
+            raise UsageError("give at least one ONNX file to serve")
+        if self.names and len(self.names) != len(self.models):
+            raise UsageError(f"--name given {len(self.names)} times for {len(self.models)} models; give one per model, in order")
+        if self.sha256 and len(self.sha256) != len(self.models):
+            raise UsageError(f"--sha256 given {len(self.sha256)} times for {len(self.models)} models; give one per model, in order")
+        for digest in self.sha256:
+            if not SHA256_PATTERN.match(digest):
+                raise UsageError(f"--sha256 expects 64 hex digits; got {digest!r}")
+        for name in self.model_names:
+            if not MODEL_NAME_PATTERN.match(name):
+                raise UsageError(f"model name {name!r} must be 1-128 characters of A-Z a-z 0-9 _ . - (use --name)")
+        if len(set(self.model_names)) != len(self.model_names):
+            raise UsageError(f"two models share a name ({', '.join(self.model_names)}); use --name")
+        _check_range("port", self.port, 0, 65535)
+        _check_range("max_batch", self.max_batch, 1, 4096)
+        _check_range("max_delay_ms", self.max_delay_ms, 0, 10_000)
+        _check_range("max_queue", self.max_queue, 1, 1_000_000)
+        _check_range("timeout_ms", self.timeout_ms, 1, 3_600_000)
+        _check_range("max_body_bytes", self.max_body_bytes, 1024, 1 << 34)
+        _check_range("exit_timeout_s", self.exit_timeout_s, 0, 3600)
+        if self.threads is not None:
+            _check_range("threads", self.threads, 1, 1024)
+        if self.providers not in PROVIDER_CHOICES:
+            raise UsageError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {self.providers!r}")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.names or tuple(path.stem for path in self.models)
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads if self.threads is not None else _default_threads()
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise UsageError(f"{field} must be in [{low}, {high}]; got {value!r}")
+
+
+def serve(config: ServeConfig) -> int:
+    """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean shutdown)."""
+    from bmc.serve_edge.server import run_server
+
+    return run_server(config)
+
+
+__all__ = ["ServeConfig", "serve", "DEFAULT_HOST", "DEFAULT_MAX_BODY_BYTES"]
