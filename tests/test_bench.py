@@ -334,3 +334,19 @@ def test_cuda_with_io_binding_and_cuda_graph_matches_cpu_accuracy(digits_run):
         assert gpu.device == "cuda" and "CUDAExecutionProvider" in gpu.providers
         assert [t.batch_size for t in gpu.timings] == [1, 32] and all(t.iterations == 20 for t in gpu.timings)
         assert abs(gpu.quality.accuracy - cpu.quality.accuracy) <= 1 / 360
+
+
+def test_tensorrt_without_tensorrt_is_one_clear_line(workdir):
+    from bmc.export import ExportConfig, export
+
+    export(ExportConfig(model="seed-mlp", input_size=8, input_channels=1, num_classes=10, out=workdir / "m.onnx"))
+    from bmc.bench.sessions import TENSORRT_PROVIDER, create_session
+
+    try:
+        session = create_session(workdir / "m.onnx", "auto", tensorrt=True)
+    except Exception as exc:  # the expected outcome on every machine without a GPU
+        assert "--tensorrt, but onnxruntime runs this session on" in str(exc)
+        result = run_bmc("bench", "m.onnx", "--device", "auto", "--tensorrt", "--iters", "2", cwd=workdir)
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    else:
+        assert TENSORRT_PROVIDER in session.providers

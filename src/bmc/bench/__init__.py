@@ -33,6 +33,7 @@ class BenchConfig:
     data: str | None = None
     data_dir: Path | None = None
     cuda_graph: bool = False
+    tensorrt: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class BenchConfig:
             raise UsageError(f"threads must be in [1, 1024]; got {self.threads}")
         if self.cuda_graph and self.device == "cpu":
             raise UsageError("cuda_graph needs device cuda or auto")
+        if self.tensorrt and self.device == "cpu":
+            raise UsageError("tensorrt needs device cuda or auto")
         if self.data_dir is not None and self.data is None:
             raise UsageError("data_dir needs data (--data NAME)")
 
@@ -107,14 +110,14 @@ def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfi
 
     results = []
     for path, name, facts, shape, plan, dataset in prepared:
-        session = create_session(path, config.device, config.threads)
+        session = create_session(path, config.device, config.threads, tensorrt=config.tensorrt)
         timings = []
         skipped = []
         for batch_size in config.batch_sizes:
             timed = session
             if config.cuda_graph and session.device == "cuda":
                 # A CUDA graph is captured for one set of shapes: one session per batch size.
-                timed = create_session(path, "cuda", config.threads, cuda_graph=True)
+                timed = create_session(path, "cuda", config.threads, cuda_graph=True, tensorrt=config.tensorrt)
             try:
                 feeds = random_inputs(timed.session, batch_size, _int_shape(shape), config.seed)
                 run_once = runner(timed, feeds)

@@ -18,6 +18,7 @@ from bmc.errors import BmcError
 DEVICES = ("cpu", "cuda", "auto")
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 # Fatal messages only. onnxruntime's errors reach the caller as exceptions too (and become one line);
 # logged as well, they would be a second, colored copy on stderr. The CUDA provider's failed library
 # loads on CPU-only machines are logged at error level, and are expected.
@@ -55,8 +56,14 @@ def session_options(threads: int | None):
     return options
 
 
-def create_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False) -> OpenSession:
-    """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it."""
+def create_session(
+    path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False, tensorrt: bool = False
+) -> OpenSession:
+    """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it.
+
+    With tensorrt, TensorRT goes first (CUDA then takes what TensorRT cannot), and the session must
+    really have it.
+    """
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -70,8 +77,16 @@ def create_session(path: Path, device: str = "cpu", threads: int | None = None, 
     cuda_options = {"device_id": "0"}
     if cuda_graph:
         cuda_options["enable_cuda_graph"] = "1"
-    session = _new_session(ort, path, threads, [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER])
+    requested = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]
+    if tensorrt:
+        requested.insert(0, TENSORRT_PROVIDER)
+    session = _new_session(ort, path, threads, requested)
     providers = tuple(session.get_providers())
+    if tensorrt and TENSORRT_PROVIDER not in providers:
+        raise SessionError(
+            f"{path}: --tensorrt, but onnxruntime runs this session on {', '.join(providers)} only "
+            "(no GPU, or the TensorRT libraries are missing)"
+        )
     if CUDA_PROVIDER in providers:
         return OpenSession(session, Path(path), "cuda", providers, threads, cuda_graph)
     if device == "cuda":

@@ -19,6 +19,7 @@ def bench_command(
     data: Optional[str] = typer.Option(None, "--data", help="Also measure accuracy on this bmc data set's test split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where --data reads from (imagefolder, cifar10, ...)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="On CUDA, capture and replay a CUDA graph."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="On CUDA, put the TensorRT provider first (fails unless the session gets it)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write one CSV row per model and batch size."),
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
@@ -39,6 +40,7 @@ def bench_command(
         data=data,
         data_dir=data_dir,
         cuda_graph=cuda_graph,
+        tensorrt=tensorrt,
     )
     if plot_path is not None:
         require_matplotlib()  # before minutes of measuring, not after
