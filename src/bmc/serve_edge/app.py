@@ -1,0 +1,252 @@
+"""The ASGI application: routes of the Open Inference Protocol, body limits, errors as JSON, metrics.
+
+A raw ASGI app rather than a framework: per request it does one split of the path, one pass over
+the headers and nothing else, which keeps small-model serving within a few percent of a bare server.
+Payloads are never logged; only the route, status and timing reach the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+
+from bmc import __version__
+from bmc.serve_edge import ServeConfig
+from bmc.serve_edge.batcher import DeadlineExceeded, DynamicBatcher, InferenceFailed, QueueFullError, ShuttingDown
+from bmc.serve_edge.codec import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
+from bmc.serve_edge.metrics import CLIENT_CLOSED, ServeMetrics
+from bmc.serve_edge.models import ServedModel
+
+log = logging.getLogger("bmc.serve")
+
+JSON = b"application/json"
+GET = ("GET",)
+POST = ("POST",)
+RETRY_AFTER_S = b"1"
+MODEL_VERSION = "1"
+
+
+class ServeApp:
+    """ASGI app serving already-loaded models; `draining` turns ready off and refuses new work."""
+
+    def __init__(self, models: dict[str, ServedModel], config: ServeConfig, metrics: ServeMetrics):
+        self.models = models
+        self.config = config
+        self.metrics = metrics
+        self.batchers = {
+            name: DynamicBatcher(
+                name,
+                model.run,
+                metrics,
+                max_batch=config.max_batch,
+                max_delay_ms=config.max_delay_ms,
+                max_queue=config.max_queue,
+                can_merge=model.can_merge,
+                describe_error=_ort_reason,
+            )
+            for name, model in models.items()
+        }
+        self.started = False
+        self.draining = False
+        self._timeout_s = config.timeout_ms / 1000.0
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        # websocket: returning without accepting makes the server refuse the upgrade
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                for batcher in self.batchers.values():
+                    batcher.start()
+                self.started = True
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.draining = True
+                for batcher in self.batchers.values():
+                    await batcher.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict, receive, send) -> None:
+        started_s = time.perf_counter()
+        self.metrics.request_started()
+        route, model_name, status = "unknown", None, CLIENT_CLOSED
+        try:
+            route, allowed, model_name = _route(scope["path"])
+            if allowed is None:
+                status = await _error(send, 404, f"no route {_cut(scope['path'])}")
+            elif scope["method"] not in allowed:
+                status = await _error(send, 405, f"{_cut(scope['method'])} is not allowed here", [(b"allow", ", ".join(allowed).encode())])
+            elif model_name is not None and model_name not in self.models:
+                status = await _error(send, 404, f"unknown model {_cut(model_name)}; serving {', '.join(self.models)}")
+                model_name = None  # never a metric label: it came from the client
+            else:
+                status = await self._dispatch(route, model_name, scope, receive, send)
+        except RequestError as exc:
+            status = await _error(send, exc.status, exc.message)
+        except QueueFullError:
+            status = await _error(send, 503, "the model's queue is full (--max-queue); retry later", [(b"retry-after", RETRY_AFTER_S)])
+        except ShuttingDown:
+            status = await _error(send, 503, "the server is shutting down", [(b"retry-after", RETRY_AFTER_S)])
+        except DeadlineExceeded:
+            status = await _error(send, 504, f"no result within --timeout-ms {self.config.timeout_ms:g}")
+        except InferenceFailed as exc:
+            status = await _error(send, 400, f"onnxruntime rejected the inputs: {exc}")
+        except Exception as exc:  # a bug, not bad input: answer, log the type only (never the payload)
+            log.error("%s %s failed: %s", scope["method"], route, type(exc).__name__)
+            status = await _error(send, 500, "internal server error")
+        finally:
+            timed_model = model_name if route in ("infer", "classify") else None
+            self.metrics.request_finished(route, status, timed_model, time.perf_counter() - started_s)
+
+    async def _dispatch(self, route: str, model_name: str | None, scope: dict, receive, send) -> int:
+        if route == "infer":
+            return await self._infer(self.models[model_name], scope, receive, send)
+        if route == "classify":
+            return await self._classify(self.models[model_name], scope, receive, send)
+        if route == "live":
+            return await _json(send, 200, {"live": True})
+        if route == "ready":
+            return await _json(send, 200 if self.ready else 503, {"ready": self.ready})
+        if route == "server":
+            return await _json(send, 200, {"name": "bmc", "version": __version__, "extensions": ["binary_tensor_data"]})
+        if route == "model":
+            return await _json(send, 200, self.models[model_name].describe())
+        if route == "model_ready":
+            return await _json(send, 200 if self.ready else 503, {"name": model_name, "ready": self.ready})
+        if route == "metrics":
+            return await _respond(send, 200, self.metrics.render(), self.metrics.content_type.encode())
+        return await _error(send, 404, "no such route")
+
+    async def _infer(self, model: ServedModel, scope: dict, receive, send) -> int:
+        if self.draining:
+            raise ShuttingDown()
+        batcher = self.batchers[model.name]
+        header_length = None
+        batcher.arrival_started()
+        try:
+            body, headers = await self._read_body(scope, receive)
+            if body is None:
+                return CLIENT_CLOSED
+            header_length = headers.get(HEADER_LENGTH)
+            request = decode_infer_request(body, header_length, model.inputs, model.output_names, self.config.reject_nonfinite)
+        finally:
+            batcher.arrival_finished()
+        outputs = await batcher.infer(request.inputs, request.rows, self._timeout_s)
+        payload, json_length = encode_infer_response(model.name, request, outputs, model.outputs)
+        if json_length is None:
+            return await _respond(send, 200, payload, JSON)
+        return await _respond(send, 200, payload, b"application/octet-stream", [(b"inference-header-content-length", str(json_length).encode())])
+
+    async def _classify(self, model: ServedModel, scope: dict, receive, send) -> int:
+        from bmc.serve_edge.classify import classify_input, image_tensor, parse_top_k, top_k
+
+        if self.draining:
+            raise ShuttingDown()
+        classify_input(model)  # a model that takes no image is refused before its body is read
+        k = parse_top_k(scope.get("query_string", b""))
+        body, _ = await self._read_body(scope, receive)
+        if body is None:
+            return CLIENT_CLOSED
+        if not body:
+            raise RequestError("send the image file (PNG or JPEG bytes) as the request body")
+        # Decoding an image takes milliseconds: off the event loop, so other requests keep flowing.
+        input_name, tensor = await asyncio.to_thread(image_tensor, model, body)
+        outputs = await self.batchers[model.name].infer({input_name: tensor}, 1, self._timeout_s)
+        return await _json(send, 200, {"model_name": model.name, "model_version": MODEL_VERSION, "predictions": top_k(model, outputs, k)})
+
+    async def _read_body(self, scope: dict, receive) -> tuple[bytes | None, dict[str, str]]:
+        """(body, the headers this app reads); body None when the client went away. 413 before reading too much."""
+        limit = self.config.max_body_bytes
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            if key == b"content-length" or key == b"inference-header-content-length":
+                headers[key.decode()] = value.decode("latin-1")
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(f"the body is {declared} bytes; at most {limit} are accepted (--max-body-bytes)", 413)
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, headers
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:  # chunked uploads declare no length: count what streams in
+                raise RequestError(f"the body exceeds {limit} bytes (--max-body-bytes)", 413)
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
+
+
+def _route(path: str) -> tuple[str, tuple[str, ...] | None, str | None]:
+    """(route kind, allowed methods or None for no such route, model name from the URL)."""
+    if path == "/metrics":
+        return "metrics", GET, None
+    parts = path.split("/")
+    if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+        return "unknown", None, None
+    rest = parts[2:]
+    if not rest:
+        return "server", GET, None
+    if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+        return rest[1], GET, None
+    if rest[0] != "models" or len(rest) < 2 or not rest[1]:
+        return "unknown", None, None
+    name, action = rest[1], rest[2:]
+    if len(action) >= 2 and action[0] == "versions":
+        if action[1] != MODEL_VERSION:
+            return "unknown", None, None
+        action = action[2:]
+    if not action:
+        return "model", GET, name
+    if len(action) == 1 and action[0] == "ready":
+        return "model_ready", GET, name
+    if len(action) == 1 and action[0] == "infer":
+        return "infer", POST, name
+    if len(action) == 1 and action[0] == "classify":
+        return "classify", POST, name
+    return "unknown", None, None
+
+
+async def _respond(send, status: int, body: bytes, content_type: bytes, extra_headers: list | None = None) -> int:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra_headers:
+        headers.extend(extra_headers)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+async def _json(send, status: int, obj: dict) -> int:
+    return await _respond(send, status, orjson.dumps(obj), JSON)
+
+
+async def _error(send, status: int, message: str, extra_headers: list | None = None) -> int:
+    return await _respond(send, status, orjson.dumps({"error": message}), JSON, extra_headers)
+
+
+def _cut(text: str) -> str:
+    text = repr(text)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _ort_reason(exc: Exception) -> str:
+    from bmc.bench.sessions import ort_message
+
+    return ort_message(exc)

@@ -1,0 +1,78 @@
+"""Prometheus metrics for `GET /metrics`: requests by route and status, latency, queue time, batch sizes, queue depth.
+
+Label values come only from a fixed set (route kinds, status codes, the served models' names), never
+from a client's URL, so a scan of made-up model names cannot grow the series without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer": counted, never sent
+
+
+# The *_created series double the output and say nothing a scrape needs.
+disable_created_metrics()
+
+
+class ServeMetrics:
+    """One registry per server, so tests and several servers in one process never share counts."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_names: tuple[str, ...]):
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "bmc_serve_requests", "HTTP requests answered, by route and status code (499: client disconnected).",
+            ["route", "status"], registry=self.registry,
+        )
+        self._latency = Histogram(
+            "bmc_serve_request_latency_seconds", "Time from the request's arrival to its answer, infer and classify.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self._queue_time = Histogram(
+            "bmc_serve_queue_time_seconds", "Time a request waited in the batch queue before its batch ran.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self._batch_rows = Histogram(
+            "bmc_serve_batch_size", "Rows per batch handed to onnxruntime.", ["model"], buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue_depth = Gauge("bmc_serve_queue_depth", "Requests waiting in the batch queue.", ["model"], registry=self.registry)
+        self._in_progress = Gauge("bmc_serve_requests_in_progress", "Requests received and not yet answered.", registry=self.registry)
+        # Children are looked up once: labels() takes a lock and hashes on every call.
+        self._latency_by_model = {name: self._latency.labels(name) for name in model_names}
+        self._queue_time_by_model = {name: self._queue_time.labels(name) for name in model_names}
+        self._batch_by_model = {name: self._batch_rows.labels(name) for name in model_names}
+        self._depth_by_model = {name: self._queue_depth.labels(name) for name in model_names}
+        for child in self._depth_by_model.values():
+            child.set(0)
+        self._request_children: dict[tuple[str, int], object] = {}
+
+    def request_started(self) -> None:
+        self._in_progress.inc()
+
+    def request_finished(self, route: str, status: int, model: str | None, seconds: float) -> None:
+        self._in_progress.dec()
+        key = (route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._requests.labels(route, str(status))
+        child.inc()
+        if model is not None and model in self._latency_by_model:
+            self._latency_by_model[model].observe(seconds)
+
+    def batch_ran(self, model: str, rows: int, queue_seconds: list[float]) -> None:
+        self._batch_by_model[model].observe(rows)
+        histogram = self._queue_time_by_model[model]
+        for seconds in queue_seconds:
+            histogram.observe(seconds)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        self._depth_by_model[model].set(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

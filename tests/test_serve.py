@@ -1,0 +1,419 @@
+"""`bmc serve` as clients meet it: the real server in a subprocess on 127.0.0.1, real HTTP, real tritonclient."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bmc.artifact import write_sidecar_sha256
+from conftest import run_bmc
+
+SLOW_DIM = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A `bmc serve` subprocess; stopped (SIGTERM, then SIGKILL) when the test is done."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bmc", "serve", *args, "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bmc serve exited {self.process.returncode}: {self.process.stderr.read()}")
+            try:
+                if self.request("GET", "/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("bmc serve did not become ready in 60 s")
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read(), dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def infer(self, model: str, array: np.ndarray, timeout: float = 30):
+        body = {"inputs": [{"name": "input", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}]}
+        status, raw, headers = self.request("POST", f"/v2/models/{model}/infer", json.dumps(body).encode(), timeout=timeout)
+        return status, json.loads(raw), headers
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = self.request("GET", "/metrics")[1].decode()
+        match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def slow_model(path: Path, trips: int = 600) -> Path:
+    """A model slowed down on purpose: a Loop of `trips` MatMuls by an orthogonal matrix (norms stay put)."""
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((SLOW_DIM, SLOW_DIM)))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["x_in", "w"], ["x_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["batch", SLOW_DIM]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["batch", SLOW_DIM]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "input"], ["output"], body=body)],
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SLOW_DIM])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", SLOW_DIM])],
+        [numpy_helper.from_array(q.astype(np.float32), "w"), numpy_helper.from_array(np.array(trips, dtype=np.int64), "trips")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    write_sidecar_sha256(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from bmc.export import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("serve_models")
+    export(ExportConfig(model="seed-mlp", input_size=8, input_channels=1, num_classes=10, out=root / "digits.onnx"))
+    return {"digits": root / "digits.onnx", "slow": slow_model(root / "slow.onnx")}
+
+
+@pytest.fixture(scope="module")
+def digits_server(models):
+    server = Server(str(models["digits"]), "--max-batch", "8", "--reject-nonfinite", "--max-body-bytes", "1048576", "--threads", "1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_server(models):
+    server = Server(str(models["slow"]), "--max-batch", "8", "--max-queue", "8", "--threads", "1")
+    yield server
+    server.stop()
+
+
+def _reference(path: Path, array: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": array})[0]
+
+
+def test_protocol_routes_and_metadata(digits_server):
+    assert digits_server.request("GET", "/v2/health/live")[0] == 200
+    assert digits_server.request("GET", "/v2/health/ready")[0] == 200
+    status, body, _ = digits_server.request("GET", "/v2")
+    assert status == 200 and json.loads(body)["name"] == "bmc" and "binary_tensor_data" in json.loads(body)["extensions"]
+    status, body, _ = digits_server.request("GET", "/v2/models/digits")
+    assert status == 200
+    assert json.loads(body)["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert digits_server.request("GET", "/v2/models/digits/ready")[0] == 200
+    assert digits_server.request("GET", "/v2/models/digits/versions/1/ready")[0] == 200
+    status, body, _ = digits_server.request("GET", "/v2/models/nope")
+    assert status == 404 and "unknown model 'nope'" in json.loads(body)["error"]
+
+
+def test_tritonclient_json_and_binary_tensors(digits_server, models):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(digits_server.url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+    assert client.get_model_metadata("digits")["outputs"][0]["name"] == "output"
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    expected = _reference(models["digits"], x)
+    for binary_in in (False, True):
+        for binary_out in (False, True, None):
+            tensor = triton.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary_in)
+            outputs = None if binary_out is None else [triton.InferRequestedOutput("output", binary_data=binary_out)]
+            result = client.infer("digits", [tensor], outputs=outputs, request_id="r1")
+            np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=1e-5, atol=1e-6)
+            assert result.get_response()["id"] == "r1"
+    with pytest.raises(triton.InferenceServerException, match="unknown model"):
+        client.infer("nope", [tensor])
+    client.close()
+
+
+def _infer_body(shape, data, datatype="FP32", name="input") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}).encode()
+
+
+GOOD = [0.5] * 64
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"inputs": [', {}, 400, "not valid JSON"),
+    ("100,000-deep JSON", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, ""),
+    ("100,000-deep data", b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": '
+     + b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, 400, "'data'"),
+    ("not an object", b"[1, 2]", {}, 400, "JSON object"),
+    ("no inputs", b"{}", {}, 400, "'inputs'"),
+    ("unknown input", _infer_body([1, 1, 8, 8], GOOD, name="x"), {}, 400, "unknown input 'x'"),
+    ("missing input", b'{"inputs": [{"name": "input"}]}', {}, 400, "'shape'"),
+    ("prod(shape) != data", _infer_body([1, 1, 8, 8], GOOD[:10]), {}, 400, "needs 64 values"),
+    ("negative dims", _infer_body([-1, 1, 8, 8], GOOD), {}, 400, "negative dimension"),
+    ("wrong rank", _infer_body([1, 64], GOOD), {}, 400, "the model takes [-1, 1, 8, 8]"),
+    ("string in FP32", _infer_body([1, 1, 8, 8], ["a"] * 64), {}, 400, "holds strings"),
+    ("numeric strings in FP32", _infer_body([1, 1, 8, 8], ["1.5"] * 64), {}, 400, "holds strings"),
+    ("wrong dtype", _infer_body([1, 1, 8, 8], [1] * 64, datatype="INT64"), {}, 400, "the model takes FP32"),
+    ("ragged data", _infer_body([1, 1, 8, 8], [[1, 2], [3]]), {}, 400, "ragged"),
+    ("empty batch", _infer_body([0, 1, 8, 8], []), {}, 400, "empty"),
+    ("huge shape", _infer_body([10**12, 1, 8, 8], GOOD), {}, 400, "needs"),
+    ("bad header length", _infer_body([1, 1, 8, 8], GOOD), {"Inference-Header-Content-Length": "999999"}, 400, "outside"),
+    ("unknown output", b'{"inputs": [{"name": "input", "shape": [1,1,8,8], "datatype": "FP32", "data": ' + json.dumps(GOOD).encode()
+     + b'}], "outputs": [{"name": "nope"}]}', {}, 400, "unknown output"),
+]
+
+
+@pytest.mark.parametrize("label, body, headers, status, fragment", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_requests_get_4xx_with_a_json_error(digits_server, label, body, headers, status, fragment):
+    got, raw, _ = digits_server.request("POST", "/v2/models/digits/infer", body, headers)
+    assert got == status, raw
+    assert fragment in json.loads(raw)["error"]
+
+
+def test_binary_faults_nan_and_unknown_model(digits_server):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}).encode()
+    nan = np.full((1, 1, 8, 8), np.nan, dtype=np.float32).tobytes()
+    status, raw, _ = digits_server.request("POST", "/v2/models/digits/infer", header + nan, {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "NaN" in json.loads(raw)["error"]
+    status, raw, _ = digits_server.request("POST", "/v2/models/digits/infer", header + nan[:100], {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "binary section" in json.loads(raw)["error"]
+    status, raw, _ = digits_server.request("POST", "/v2/models/nope/infer", header, {})
+    assert status == 404 and "unknown model" in json.loads(raw)["error"]
+
+
+def test_oversized_bodies_get_413_before_they_are_read(digits_server):
+    with socket.create_connection(("127.0.0.1", digits_server.port), timeout=10) as raw:
+        # Declares 100 MB and sends none of it: the answer must not wait for the body.
+        raw.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")
+    with socket.create_connection(("127.0.0.1", digits_server.port), timeout=10) as raw:
+        # Chunked: no length declared, so the server counts what streams in.
+        raw.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        try:
+            for _ in range(40):
+                raw.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # the server may answer and close before the upload ends
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+ROUTES = ["/", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/digits", "/v2/models/digits/ready",
+          "/v2/models/digits/infer", "/v2/models/digits/classify", "/v2/models/nope/infer", "/v2/repository/index", "/metrics",
+          "/v2/models/digits/versions/7/infer", "/v2/models//infer"]
+
+
+def test_every_route_with_every_method_gives_no_500(digits_server):
+    for path in ROUTES:
+        for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+            status, _, headers = digits_server.request(method, path, b"{}" if method in ("POST", "PUT", "PATCH") else None)
+            assert status < 500, (method, path, status)
+            if status == 405:
+                assert "allow" in {k.lower() for k in headers}
+    assert digits_server.request("DELETE", "/v2/models/digits/infer")[0] == 405
+    assert digits_server.request("GET", "/v2/models/digits/infer")[0] == 405
+    assert digits_server.request("GET", "/v2/health/live")[0] == 200
+
+
+def test_classify_returns_top_k_labels(digits_server):
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.fromarray((np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)).save(image, format="PNG")
+    status, raw, _ = digits_server.request("POST", "/v2/models/digits/classify?top_k=3", image.getvalue())
+    assert status == 200, raw
+    predictions = json.loads(raw)["predictions"]
+    assert len(predictions) == 3 and all(p["label"].startswith("class_") for p in predictions)
+    assert predictions[0]["probability"] >= predictions[1]["probability"] >= predictions[2]["probability"]
+    status, raw, _ = digits_server.request("POST", "/v2/models/digits/classify", b"not an image")
+    assert status == 400 and "PNG or JPEG" in json.loads(raw)["error"]
+
+
+def test_clients_that_disconnect_mid_request_leave_the_server_healthy(digits_server):
+    good = _infer_body([1, 1, 8, 8], GOOD)
+    for index in range(100):
+        with socket.create_connection(("127.0.0.1", digits_server.port), timeout=10) as raw:
+            head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(good)
+            # Half stop inside the body, half send it all and leave before the answer.
+            raw.sendall(head + (good[: len(good) // 2] if index % 2 else good))
+    deadline = time.monotonic() + 10
+    while digits_server.metric("bmc_serve_requests_in_progress") > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert digits_server.metric("bmc_serve_requests_in_progress") <= 1  # the /metrics request itself
+    assert digits_server.metric("bmc_serve_queue_depth", '{model="digits"}') == 0
+    assert digits_server.request("GET", "/v2/health/live")[0] == 200
+    status, body, _ = digits_server.infer("digits", np.zeros((1, 1, 8, 8), np.float32))
+    assert status == 200 and len(body["outputs"][0]["data"]) == 10
+
+
+def test_metrics_count_every_request(digits_server):
+    text = digits_server.request("GET", "/metrics")[1].decode()
+    for name in ("bmc_serve_requests_total", "bmc_serve_request_latency_seconds_bucket", "bmc_serve_queue_time_seconds_bucket",
+                 "bmc_serve_batch_size_bucket", "bmc_serve_queue_depth"):
+        assert name in text
+    before = sum(float(v) for v in re.findall(r'^bmc_serve_requests_total\{route="infer",status="\d+"\} (\S+)$', text, re.MULTILINE))
+    for _ in range(3):
+        digits_server.infer("digits", np.zeros((1, 1, 8, 8), np.float32))
+    digits_server.request("POST", "/v2/models/digits/infer", b"{")
+    text = digits_server.request("GET", "/metrics")[1].decode()
+    after = sum(float(v) for v in re.findall(r'^bmc_serve_requests_total\{route="infer",status="\d+"\} (\S+)$', text, re.MULTILINE))
+    assert after - before == 4
+
+
+def _wait_for_batches(server: Server, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while server.metric("bmc_serve_batch_size_count", '{model="slow"}') < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metric("bmc_serve_batch_size_count", '{model="slow"}') >= count
+
+
+def test_full_queue_refuses_at_once_and_batched_equals_unbatched(slow_server, models):
+    rng = np.random.default_rng(3)
+    batches_before = slow_server.metric("bmc_serve_batch_size_count", '{model="slow"}')
+    with ThreadPoolExecutor(16) as pool:
+        # Triton's queue test: one full batch running (8 rows), then 10 more requests for 8 queue places.
+        running = pool.submit(slow_server.infer, "slow", rng.standard_normal((8, SLOW_DIM)).astype(np.float32))
+        _wait_for_batches(slow_server, batches_before + 1)
+        rows = [rng.standard_normal((1, SLOW_DIM)).astype(np.float32) for _ in range(10)]
+
+        def timed(row):
+            started = time.monotonic()
+            status, body, headers = slow_server.infer("slow", row)
+            return status, body, headers, time.monotonic() - started
+
+        results = list(pool.map(timed, rows))
+        assert running.result()[0] == 200
+    refused = [r for r in results if r[0] == 503]
+    assert len(refused) == 2, [r[0] for r in results]
+    assert all("queue is full" in r[1]["error"] and r[2].get("retry-after") == "1" for r in refused)
+    assert all(r[0] == 200 for r in results if r[0] != 503)
+    # The 8 accepted requests ran as one batch: each row must equal the model run on that row alone.
+    expected = _reference(models["slow"], np.concatenate(rows))
+    for index, (status, body, _, _) in enumerate(results):
+        if status == 200:
+            got = np.asarray(body["outputs"][0]["data"], dtype=np.float32)
+            np.testing.assert_allclose(got, expected[index], rtol=1e-4, atol=1e-4)
+    assert slow_server.metric("bmc_serve_batch_size_sum", '{model="slow"}') >= 16  # 8 rows, then the 8 queued together
+
+
+def test_ten_times_overload_gives_only_503s_and_bounded_memory(slow_server):
+    def rss_kib() -> int:
+        status = Path(f"/proc/{slow_server.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    before = rss_kib()
+    zero = np.zeros((1, SLOW_DIM), np.float32)
+    with ThreadPoolExecutor(24) as pool:
+        statuses = [r[0] for r in pool.map(lambda _: slow_server.infer("slow", zero), range(80))]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 40
+    assert slow_server.request("GET", "/v2/health/live")[0] == 200
+    assert rss_kib() - before < 200 * 1024
+
+
+def test_sigterm_answers_requests_in_flight_refuses_new_ones_and_exits_0(models):
+    server = Server(str(models["slow"]), "--max-batch", "4", "--threads", "1")
+    try:
+        zero = np.zeros((1, SLOW_DIM), np.float32)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(server.infer, "slow", zero) for _ in range(6)]
+            deadline = time.monotonic() + 10
+            while server.metric("bmc_serve_requests_in_progress") < 7 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+            refused = False
+            deadline = time.monotonic() + 5
+            while not refused and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                    time.sleep(0.05)
+                except ConnectionRefusedError:
+                    refused = True
+            statuses = [f.result()[0] for f in futures]
+        assert statuses == [200] * 6
+        assert refused
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_tampered_model_refuses_to_start_and_names_the_file(models, workdir):
+    tampered = workdir / "tampered.onnx"
+    shutil.copy(models["digits"], tampered)
+    write_sidecar_sha256(tampered)
+    data = bytearray(tampered.read_bytes())
+    data[-1] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    result = run_bmc("serve", str(tampered), "--port", str(_free_port()), cwd=workdir, timeout=60)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(tampered) in lines[0] and "sha256" in lines[0], result.stderr
+
+    unsigned = workdir / "unsigned.onnx"
+    shutil.copy(models["digits"], unsigned)
+    result = run_bmc("serve", str(unsigned), "--port", str(_free_port()), cwd=workdir, timeout=60)
+    assert result.returncode == 1 and "unsigned.onnx" in result.stderr and "no sidecar" in result.stderr
+    result = run_bmc("serve", str(unsigned), "--sha256", "0" * 64, "--port", str(_free_port()), cwd=workdir, timeout=60)
+    assert result.returncode == 1 and "does not match --sha256" in result.stderr
+
+
+def test_serves_where_importing_torch_fails(models, tmp_path):
+    for package in ("torch", "torchvision"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("raise ImportError('torch is not allowed here')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, **env}, capture_output=True)
+    assert probe.returncode != 0
+    server = Server(str(models["digits"]), "--threads", "1", env=env)
+    try:
+        status, body, _ = server.infer("digits", np.ones((2, 1, 8, 8), np.float32))
+        assert status == 200 and body["outputs"][0]["shape"] == [2, 10]
+    finally:
+        server.stop()
