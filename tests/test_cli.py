@@ -58,7 +58,8 @@ def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
         (["train", "--model-arg", "oops"], 2, ["--model-arg expects KEY=VALUE"]),
         (["train", "--resume", "nowhere"], 1, ["nowhere: no bmc.json"]),
         (["info", "nowhere"], 1, ["nowhere: no such run directory"]),
-        (["compress"], 1, ["not available in this version yet"]),
+        (["compress"], 1, ["runs/latest does not exist", "bmc train"]),
+        (["compress", "--prune", "1.2"], 2, ["prune must be in [0, 0.95]"]),
     ],
 )
 def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code, fragments):

@@ -60,10 +60,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from bmc.cli import bench, export, info, later, serve, train
+    from bmc.cli import bench, compress, export, info, serve, train
 
     train.register(app)
-    later.register(app)
+    compress.register(app)
     export.register(app)
     bench.register(app)
     serve.register(app)

@@ -1,0 +1,68 @@
+"""`bmc compress`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def compress_command(
+    source: Optional[Path] = typer.Argument(None, help="Run directory or MODEL.onnx (default: runs/latest)."),
+    prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (not available yet)."),
+    quantize: str = typer.Option("int8", "--quantize", help="int8 (measured, with a speed guarantee), fp16, or none."),
+    target: str = typer.Option("cpu", "--target", help="cpu or cuda."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's)."),
+    calib_data_dir: Optional[Path] = typer.Option(None, "--calib-data-dir", help="Where that data set lives."),
+    calib_samples: int = typer.Option(512, "--calib-samples", help="Training samples used for calibration."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, entropy or percentile."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Largest accepted accuracy loss, in points."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads when timing candidates."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: RUN_DIR/compressed)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Make a model smaller and faster: int8 chosen by measurement on this CPU (or fp16); writes compress_report.json."""
+    from bmc.compress import CompressConfig, compress
+    from bmc.compress.quantize import QuantizeConfig
+
+    report = compress(
+        CompressConfig(
+            source=source,
+            prune=prune,
+            quantize=quantize,
+            target=target,
+            out=out,
+            quantization=QuantizeConfig(
+                calib_data=calib_data,
+                calib_data_dir=calib_data_dir,
+                calib_samples=calib_samples,
+                calib_method=calib_method,
+                max_accuracy_drop_points=max_accuracy_drop,
+                threads=threads,
+            ),
+        )
+    )
+    if json_output:
+        from dataclasses import asdict
+
+        typer.echo(json.dumps(asdict(report), indent=2))
+        return
+    for stage in report.stages:
+        if stage["stage"] == "quantize" and stage["method"] == "int8":
+            for candidate in stage["candidates"]:
+                speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate["speedup"].items())
+                drop = candidate["accuracy_drop_points"]
+                accuracy = f", {drop:+.2f} pt" if drop is not None else ""
+                if stage["chosen_recipe"] == candidate["recipe"]:
+                    mark = "chosen"
+                else:
+                    mark = "accepted, not the fastest" if candidate["accepted"] else "rejected: " + candidate["reason"]
+                typer.echo(f"  {candidate['recipe']:<40} {speed}{accuracy}  [{mark}]")
+            typer.echo(stage["note"])
+    typer.echo(f"result: {report.result} (report: {Path(report.out_dir) / 'compress_report.json'})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress_command)

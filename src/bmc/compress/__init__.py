@@ -1,0 +1,57 @@
+"""bmc compress: make a model smaller and faster, and prove it on held-out data.
+
+This version quantizes (int8 measured against fp32 on this CPU, with a speed guarantee, or fp16);
+structured pruning and distillation come next. Importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bmc.errors import BmcError, UsageError
+
+QUANTIZATIONS = ("none", "int8", "fp16")
+TARGETS = ("cpu", "cuda")
+REPORT = "compress_report.json"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Which stages to run on which input. `source` is a run directory or an ONNX file (default runs/latest)."""
+
+    source: Path | None = None
+    prune: float = 0.0
+    quantize: str = "int8"
+    target: str = "cpu"
+    out: Path | None = None
+    quantization: "object" = None  # a bmc.compress.quantize.QuantizeConfig; None: its defaults
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prune <= 0.95:
+            raise UsageError(f"prune must be in [0, 0.95] (the fraction of multiply-accumulates removed); got {self.prune}")
+        if self.quantize not in QUANTIZATIONS:
+            raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
+        if self.target not in TARGETS:
+            raise UsageError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+
+
+@dataclass
+class CompressReport:
+    """Where each stage's artifact went and what it measured."""
+
+    out_dir: str
+    source_onnx: str
+    stages: list[dict] = field(default_factory=list)
+    result: str = ""
+
+
+def compress(config: CompressConfig) -> CompressReport:
+    """Run the requested stages; writes their artifacts and compress_report.json into the output directory."""
+    from bmc.compress.pipeline import run_pipeline
+
+    if config.prune > 0:
+        raise BmcError("structured pruning is not available in this version yet; use --quantize alone")
+    if config.target == "cuda" and config.quantize == "int8":
+        raise UsageError("int8 QDQ models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
+    return run_pipeline(config)

@@ -1,0 +1,89 @@
+import json
+
+import onnx
+import pytest
+
+from bmc.compress import CompressConfig, compress
+from bmc.compress.quantize import Candidate, QuantizeConfig, candidate_recipes, judge, quantize_int8
+from bmc.errors import BmcError, DataError, UsageError
+from bmc.export import ExportConfig, export
+from bmc.train import TrainConfig, train
+
+from conftest import run_bmc
+
+INT8_OPERATORS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
+
+
+@pytest.fixture
+def digits_onnx(workdir):
+    train(TrainConfig(epochs=3))
+    return export(ExportConfig()).path
+
+
+def test_every_candidate_holds_int8_operators_and_the_choice_obeys_the_speed_guarantee(digits_onnx, workdir):
+    config = QuantizeConfig(calib_samples=128, seconds_per_timing=0.2)
+    result = quantize_int8(digits_onnx, workdir / "q", config)
+    assert len(result.candidates) == 3 and result.calibration == {"data": "digits", "samples": 128, "method": "minmax"}
+    for candidate in result.candidates:
+        assert candidate.accuracy is not None and candidate.size_bytes < 0.5 * result.baseline_size_bytes
+        assert candidate.accepted == judge(candidate, config)[0]
+    if result.chosen is None:
+        assert result.note.startswith("kept fp32") and not (workdir / "q" / "model-int8.onnx").exists()
+    else:
+        chosen = onnx.load(result.chosen)
+        assert INT8_OPERATORS & {node.op_type for node in chosen.graph.node}
+        winner = next(c for c in result.candidates if c.recipe == result.chosen_recipe)
+        assert all(s >= 1.0 for s in winner.speedup.values())
+    assert not (workdir / "q" / ".quantize").exists()
+
+
+def test_the_fallback_keeps_fp32_when_nothing_meets_the_bar(digits_onnx, workdir):
+    report = compress(
+        CompressConfig(
+            source=digits_onnx,
+            out=workdir / "c",
+            quantization=QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=1000),
+        )
+    )
+    stage = report.stages[-1]
+    assert stage["chosen"] is None and report.result == str(digits_onnx)
+    assert all(not c["accepted"] and c["reason"].startswith("not faster than fp32") for c in stage["candidates"])
+    written = json.loads((workdir / "c" / "compress_report.json").read_text())
+    assert written["result"] == str(digits_onnx)
+
+
+def test_judge_applies_the_accuracy_budget():
+    config = QuantizeConfig(max_accuracy_drop_points=0.3)
+    fast = dict(recipe="r", path="", size_bytes=1, accuracy=0.8, latency_ms={}, speedup={1: 1.5, 32: 2.0})
+    assert judge(Candidate(accuracy_drop_points=0.2, **fast), config) == (True, "faster everywhere and within the accuracy budget")
+    accepted, reason = judge(Candidate(accuracy_drop_points=0.83, **fast), config)
+    assert not accepted and reason == "loses 0.83 points (budget 0.3)"
+
+
+def test_recipes_follow_the_cpu():
+    with_vnni = candidate_recipes(["avx2", "avx512_vnni"])
+    without = candidate_recipes(["avx2", "fma"])
+    assert with_vnni[0].name == "QDQ-U8S8-per-channel-reduce-range"
+    assert without[0].name == "QOperator-U8S8-per-channel-reduce-range"
+    # S8S8 measured 2-25x slower than fp32 on both kinds of CPU: never a candidate.
+    assert all(not (r.activation_type == "int8") for r in with_vnni + without)
+
+
+def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
+    with pytest.raises(UsageError, match=r"prune must be in \[0, 0.95\]"):
+        CompressConfig(prune=1.2)
+    with pytest.raises(UsageError, match="quantize must be one of none, int8, fp16; got 'int3'"):
+        CompressConfig(quantize="int3")
+    with pytest.raises(BmcError, match="structured pruning is not available"):
+        compress(CompressConfig(source=digits_onnx, prune=0.5))
+    with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
+        quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
+    result = run_bmc("compress", "--quantize", "int3", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of none, int8, fp16; got 'int3'"]
+
+
+def test_fp16_from_a_run_directory(digits_onnx, workdir):
+    report = compress(CompressConfig(source=workdir / "runs" / "latest", quantize="fp16"))
+    half = workdir / "runs" / "latest" / "compressed" / "model-fp16.onnx"
+    assert report.result == str(half) and half.is_file()
+    assert report.stages[-1]["max_abs_diff"] <= 5e-2
