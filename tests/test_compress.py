@@ -87,3 +87,11 @@ def test_fp16_from_a_run_directory(digits_onnx, workdir):
     half = workdir / "runs" / "latest" / "compressed" / "model-fp16.onnx"
     assert report.result == str(half) and half.is_file()
     assert report.stages[-1]["max_abs_diff"] <= 5e-2
+
+
+def test_bench_without_arguments_compares_the_original_with_what_compress_wrote(digits_onnx, workdir):
+    compress(CompressConfig(quantize="fp16"))
+    result = run_bmc("bench", "--iters", "3", "--batch-sizes", "1", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    names = [m["name"] for m in json.loads(result.stdout)["models"]]
+    assert names == ["model.onnx", "model-fp16.onnx"]
