@@ -86,7 +86,13 @@ def main() -> None:
         chosen = quantize_int8(
             source,
             scratch / "bmc",
-            QuantizeConfig(calib_data=data_name, calib_data_dir=data_dir, calib_samples=512 if args.run else 64, threads=args.threads),
+            QuantizeConfig(
+                calib_data=data_name,
+                calib_data_dir=data_dir,
+                calib_samples=512 if args.run else 64,
+                threads=args.threads,
+                measure_accuracy=args.run is not None,
+            ),
         )
         if chosen.chosen:
             entries.append((f"bmc compress ({chosen.chosen_recipe})", Path(chosen.chosen)))

@@ -57,3 +57,13 @@ def run_bmc(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The CLI failed as a user should see it: one 'error: ' line on stderr, no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -20,21 +20,12 @@ from bmc.data import DataConfig
 from bmc.errors import UsageError
 from bmc.export import ExportConfig, export
 from bmc.train import TrainConfig, train
-from conftest import PROJECT_ROOT, run_bmc
+from conftest import PROJECT_ROOT, assert_one_line_error, run_bmc
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 from fuzz_models import mutants, run_case  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not cuda_works(), reason="needs a CUDA GPU that onnxruntime's CUDA provider really runs on")
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +169,7 @@ def test_plot_writes_a_png_or_says_matplotlib_is_missing(models, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         assert result.returncode == 1
-        _one_line_error(result, "--plot needs matplotlib")
+        assert_one_line_error(result, "--plot needs matplotlib")
         assert not (tmp_path / "p.png").exists()
         return
     assert result.returncode == 0, result.stderr
@@ -258,7 +249,7 @@ def test_bad_input_is_one_line_and_exit_1(models, tmp_path, case, fragments):
             continue  # the file itself is fine
         result = run_bmc(*command, cwd=tmp_path)
         assert result.returncode == 1, (command, result.returncode, result.stderr)
-        _one_line_error(result, *fragments)
+        assert_one_line_error(result, *fragments)
         assert result.stdout == ""
 
 
@@ -273,7 +264,7 @@ def test_the_good_external_data_copy_benches(models, tmp_path):
 def test_no_models_and_no_runs_is_one_line(workdir):
     result = run_bmc("bench", cwd=workdir)
     assert result.returncode == 1
-    _one_line_error(result, "no models given and runs/latest does not exist")
+    assert_one_line_error(result, "no models given and runs/latest does not exist")
 
 
 @pytest.mark.parametrize(
@@ -298,7 +289,7 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, fragment):
 def test_bad_flags_exit_2(models, tmp_path):
     result = run_bmc("bench", str(models["mlp"]), "--batch-sizes", "1,x", cwd=tmp_path)
     assert result.returncode == 2
-    _one_line_error(result, "--batch-sizes expects comma-separated integers")
+    assert_one_line_error(result, "--batch-sizes expects comma-separated integers")
 
 
 def test_bilinear_resize_matches_torch_interpolate():

@@ -4,15 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_bmc
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import assert_one_line_error, run_bmc
 
 
 def test_help_lists_every_command_and_version_prints(workdir):
@@ -65,7 +57,7 @@ def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
 def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code, fragments):
     result = run_bmc(*args, cwd=workdir)
     assert result.returncode == exit_code, (result.returncode, result.stderr)
-    _one_line_error(result, *fragments)
+    assert_one_line_error(result, *fragments)
 
 
 def test_truncated_checkpoint_on_resume_is_one_line(workdir):
@@ -75,7 +67,7 @@ def test_truncated_checkpoint_on_resume_is_one_line(workdir):
     (workdir / "run" / "train_state.safetensors").write_bytes(b"\x00" * 10)
     result = run_bmc("train", "--resume", "run", cwd=workdir)
     assert result.returncode == 1
-    _one_line_error(result, "run/train_state.safetensors: not a readable safetensors file")
+    assert_one_line_error(result, "run/train_state.safetensors: not a readable safetensors file")
 
 
 def test_debug_shows_the_traceback(workdir):

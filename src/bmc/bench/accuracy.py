@@ -162,8 +162,30 @@ def evaluate(session, plan: Preprocessing, dataset: Dataset, model_name: str, ba
     )
 
 
+def fold_normalization(norm: dict, width: int, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(multiplier, offset) folded as training folds them: scale / std and -mean / std, in float32.
+
+    ValueError names what is wrong when the normalization is malformed or does not fit `width`
+    channels (images) or features (tables).
+    """
+    try:
+        scale = float(norm["scale"])
+        mean = np.asarray(norm["mean"], dtype=np.float32).reshape(-1)
+        std = np.asarray(norm["std"], dtype=np.float32).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"its metadata's normalization is malformed: {norm!r}") from None
+    if mean.size not in (1, width) or std.size not in (1, width) or not np.all(std > 0):
+        raise ValueError(
+            f"its normalization has {mean.size} means and {std.size} stds (all > 0 needed); "
+            f"the input has {width} {'channels' if image else 'features'}"
+        )
+    shape = (1, -1, 1, 1) if image else (1, -1)
+    multiplier = (np.float32(1.0) / std * np.float32(scale)).astype(np.float32)
+    offset = (-mean / std).astype(np.float32)
+    return multiplier.reshape(shape), offset.reshape(shape)
+
+
 def _normalization_arrays(model_name: str, metadata: ModelMetadata, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(multiplier, offset) folded as training folds them: scale / std and -mean / std, in float32."""
     image = dataset.layout == IMAGE
     width = dataset.input_shape[0] if image else dataset.input_shape[-1]
     norm = metadata.normalization
@@ -172,20 +194,9 @@ def _normalization_arrays(model_name: str, metadata: ModelMetadata, dataset: Dat
     if not metadata.dataset or not norm:
         norm = dataset.normalization.to_dict()
     try:
-        scale = float(norm["scale"])
-        mean = np.asarray(norm["mean"], dtype=np.float32).reshape(-1)
-        std = np.asarray(norm["std"], dtype=np.float32).reshape(-1)
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{model_name}: its metadata's normalization is malformed: {norm!r}") from None
-    if mean.size not in (1, width) or std.size not in (1, width) or not np.all(std > 0):
-        raise DataError(
-            f"{model_name}: its normalization has {mean.size} means and {std.size} stds (all > 0 needed); "
-            f"data set {dataset.name} has {width} {'channels' if image else 'features'}"
-        )
-    shape = (1, -1, 1, 1) if image else (1, -1)
-    multiplier = (np.float32(1.0) / std * np.float32(scale)).astype(np.float32)
-    offset = (-mean / std).astype(np.float32)
-    return multiplier.reshape(shape), offset.reshape(shape)
+        return fold_normalization(norm, width, image)
+    except ValueError as exc:
+        raise DataError(f"{model_name}: {exc} (data set {dataset.name})") from None
 
 
 def _source_index(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -81,6 +81,7 @@ class QuantizeConfig:
     seconds_per_timing: float = 1.0
     threads: int | None = None
     seed: int = 0
+    measure_accuracy: bool = True  # False: speed only (random-weight models, synthetic calibration data)
 
     def __post_init__(self) -> None:
         if not 1 <= self.calib_samples <= 100_000:
@@ -181,7 +182,7 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
                 batch_sizes=config.batch_sizes,
                 seconds=config.seconds_per_timing,
                 threads=config.threads,
-                data=data_name,
+                data=data_name if config.measure_accuracy else None,
                 data_dir=config.calib_data_dir,
             ),
         )

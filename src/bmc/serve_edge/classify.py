@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from bmc.bench.accuracy import Preprocessing, preprocess
+from bmc.bench.accuracy import Preprocessing, fold_normalization, preprocess
 from bmc.serve_edge.codec import RequestError
 from bmc.serve_edge.models import ServedModel
 
@@ -61,15 +61,9 @@ def preprocessing_for(model: ServedModel, stored_chw: tuple[int, int, int], mode
     """The model's normalization folded into a multiply-add (as training folds it), plus a resize if needed."""
     norm = model.metadata.normalization or {"scale": 1.0, "mean": [0.0], "std": [1.0]}
     try:
-        scale = float(norm["scale"])
-        mean = np.asarray(norm["mean"], dtype=np.float32).reshape(-1)
-        std = np.asarray(norm["std"], dtype=np.float32).reshape(-1)
-    except (KeyError, TypeError, ValueError):
-        raise RequestError(f"model {model.name!r}: its metadata's normalization is malformed") from None
-    if mean.size not in (1, model_chw[0]) or std.size not in (1, model_chw[0]) or not np.all(std > 0):
-        raise RequestError(f"model {model.name!r}: its normalization does not fit {model_chw[0]} channels")
-    multiplier = (np.float32(1.0) / std * np.float32(scale)).astype(np.float32).reshape(1, -1, 1, 1)
-    offset = (-mean / std).astype(np.float32).reshape(1, -1, 1, 1)
+        multiplier, offset = fold_normalization(norm, model_chw[0], image=True)
+    except ValueError as exc:
+        raise RequestError(f"model {model.name!r}: {exc}") from None
     resize_to = None if stored_chw[1:] == model_chw[1:] else (model_chw[1], model_chw[2])
     return Preprocessing(multiplier, offset, resize_to)
 
