@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -74,7 +75,7 @@ def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
         CompressConfig(prune=1.2)
     with pytest.raises(UsageError, match="quantize must be one of none, int8, fp16; got 'int3'"):
         CompressConfig(quantize="int3")
-    with pytest.raises(BmcError, match="structured pruning is not available"):
+    with pytest.raises(BmcError, match="pruning needs a bmc run directory"):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
@@ -95,3 +96,32 @@ def test_bench_without_arguments_compares_the_original_with_what_compress_wrote(
     assert result.returncode == 0, result.stderr
     names = [m["name"] for m in json.loads(result.stdout)["models"]]
     assert names == ["model.onnx", "model-fp16.onnx"]
+
+
+def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers_accuracy(workdir):
+    import torch
+
+    from bmc.checkpoint import load_model
+
+    original = train(TrainConfig())
+    report = compress(CompressConfig(prune=0.5, quantize="none"))
+    prune = next(s for s in report.stages if s["stage"] == "prune")
+    assert 0.5 <= prune["macs_removed"] < 0.6 and prune["params_removed"] > 0.3
+    assert prune["left_dense"] == ["classifier.5"] and prune["distilled"] and prune["finetune_epochs"] == 20
+    pruned_dir = workdir / "runs" / "latest" / "compressed" / "pruned-run"
+    assert (workdir / "runs" / "latest").resolve() == original.run_dir.resolve()  # fine-tuning does not move latest
+    # The pruned run loads from safetensors (layers shrunk to the saved shapes) and matches its ONNX file.
+    model, meta = load_model(pruned_dir)
+    assert meta["model"]["pruned"] and model.features[0].out_channels < 6
+    assert Path(report.result).resolve() == (pruned_dir / "model.onnx").resolve()
+    drop = original.final_metrics["test_accuracy"] - prune["test_metrics"]["test_accuracy"]
+    assert drop <= 0.015, (original.final_metrics, prune)
+    dense = torch.zeros(1, 1, 8, 8)
+    assert model(dense).shape == (1, 10)
+
+
+def test_magnitude_pruning_zeroes_weights_and_says_it_does_not_speed_up(workdir):
+    train(TrainConfig(epochs=5))
+    report = compress(CompressConfig(prune=0.5, prune_method="magnitude", quantize="none", finetune_epochs=0))
+    prune = next(s for s in report.stages if s["stage"] == "prune")
+    assert 0.49 <= prune["weights_zeroed"] <= 0.51 and "speed is unchanged" in prune["note"]

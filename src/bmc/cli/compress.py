@@ -11,7 +11,10 @@ import typer
 
 def compress_command(
     source: Optional[Path] = typer.Argument(None, help="Run directory or MODEL.onnx (default: runs/latest)."),
-    prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (not available yet)."),
+    prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (0.5 = half the MACs)."),
+    prune_method: str = typer.Option("l1-structured", "--prune-method", help="l1-structured (channels removed) or magnitude (weights zeroed)."),
+    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning (default per data set)."),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),
     quantize: str = typer.Option("int8", "--quantize", help="int8 (measured, with a speed guarantee), fp16, or none."),
     target: str = typer.Option("cpu", "--target", help="cpu or cuda."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's)."),
@@ -31,6 +34,9 @@ def compress_command(
         CompressConfig(
             source=source,
             prune=prune,
+            prune_method=prune_method,
+            finetune_epochs=finetune_epochs,
+            distill=distill,
             quantize=quantize,
             target=target,
             out=out,
@@ -50,6 +56,12 @@ def compress_command(
         typer.echo(json.dumps(asdict(report), indent=2))
         return
     for stage in report.stages:
+        if stage["stage"] == "prune" and stage["method"] == "l1-structured":
+            typer.echo(
+                f"pruned: {stage['macs_removed']:.0%} of MACs and {stage['params_removed']:.0%} of parameters removed; "
+                f"after {stage.get('finetune_epochs', 0)} fine-tuning epochs: {stage.get('test_metrics', {})} "
+                f"(original {stage['original_test_metrics']})"
+            )
         if stage["stage"] == "quantize" and stage["method"] == "int8":
             for candidate in stage["candidates"]:
                 speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate["speedup"].items())

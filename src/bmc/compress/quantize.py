@@ -27,6 +27,7 @@ log = logging.getLogger("bmc")
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+TIMING_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -176,16 +177,25 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             _quantize_static(prepared, path, recipe, input_name, calibration, config.calib_method)
             paths.append((recipe, path))
 
+        all_paths = [model_path, *(p for _, p in paths)]
         report = bench(
-            [model_path, *(p for _, p in paths)],
+            all_paths,
             BenchConfig(
                 batch_sizes=config.batch_sizes,
-                seconds=config.seconds_per_timing,
+                seconds=config.seconds_per_timing / TIMING_ROUNDS,
                 threads=config.threads,
                 data=data_name if config.measure_accuracy else None,
                 data_dir=config.calib_data_dir,
             ),
         )
+        # The machine is shared: a burst of other work during one model's slot would decide the
+        # choice. Several short rounds over all models, each model's best median, are robust to that.
+        best_ms = _latencies(report)
+        for _ in range(TIMING_ROUNDS - 1):
+            again = _latencies(
+                bench(all_paths, BenchConfig(batch_sizes=config.batch_sizes, seconds=config.seconds_per_timing / TIMING_ROUNDS, threads=config.threads))
+            )
+            best_ms = [{b: min(ms[b], other[b]) for b in ms} for ms, other in zip(best_ms, again)]
         baseline = report.models[0]
         base_accuracy = baseline.quality.accuracy if baseline.quality else None
         candidates = []
@@ -198,8 +208,8 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
                 size_bytes=path.stat().st_size,
                 accuracy=accuracy,
                 accuracy_drop_points=round(100 * (base_accuracy - accuracy), 4) if None not in (accuracy, base_accuracy) else None,
-                speedup={b: round(report.speedup(index, b), 3) for b in config.batch_sizes if report.speedup(index, b) is not None},
-                latency_ms={t.batch_size: round(t.latency_ms_median, 4) for t in measured.timings},
+                speedup={b: round(best_ms[0][b] / best_ms[index][b], 3) for b in best_ms[index] if b in best_ms[0]},
+                latency_ms={b: round(ms, 4) for b, ms in best_ms[index].items()},
             )
             candidate.accepted, candidate.reason = judge(candidate, config)
             candidates.append(candidate)
@@ -221,7 +231,7 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             chosen=str(chosen_path) if chosen_path else None,
             chosen_recipe=chosen.recipe if chosen else None,
             baseline_accuracy=base_accuracy,
-            baseline_latency_ms={t.batch_size: round(t.latency_ms_median, 4) for t in baseline.timings},
+            baseline_latency_ms={b: round(ms, 4) for b, ms in best_ms[0].items()},
             baseline_size_bytes=baseline.facts.size_bytes,
             candidates=candidates,
             cpu_flags=flags,
@@ -230,6 +240,10 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _latencies(report) -> list[dict[int, float]]:
+    return [{t.batch_size: t.latency_ms_median for t in model.timings} for model in report.models]
 
 
 def _pre_process(source: Path, target: Path) -> Path:

@@ -72,6 +72,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     out: Path | None = None
+    # Distillation, used when train() is given a teacher: Hinton's loss, weight kd_alpha on the soft targets.
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         _check_range("epochs", self.epochs, 1, 100_000)
@@ -86,6 +89,8 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_range("threads", self.threads, 1, 1024)
         _check_range("seed", self.seed, 0, 2**31 - 1)
+        _check_range("kd_temperature", self.kd_temperature, 0, 100, low_open=True)
+        _check_range("kd_alpha", self.kd_alpha, 0, 1)
 
     def to_dict(self) -> dict:
         raw = dataclasses.asdict(self)

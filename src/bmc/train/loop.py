@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import math
 import time
@@ -58,8 +59,20 @@ class Run:
         }
 
 
-def train(config: TrainConfig, progress: TrainProgress | None = None, resume: Path | None = None) -> Run:
-    """Train a model as config says (or continue the run in `resume`); returns the saved Run."""
+def train(
+    config: TrainConfig,
+    progress: TrainProgress | None = None,
+    resume: Path | None = None,
+    initial_model: torch.nn.Module | None = None,
+    teacher: torch.nn.Module | None = None,
+    point_latest: bool = True,
+) -> Run:
+    """Train a model as config says (or continue the run in `resume`); returns the saved Run.
+
+    initial_model starts from given weights and layer sizes (a pruned model being fine-tuned);
+    teacher adds Hinton's distillation loss against its outputs. point_latest=False leaves
+    runs/latest alone (fine-tuning inside `bmc compress` is not the user's newest run).
+    """
     resume_state = None
     if resume is not None:
         resume = Path(resume)
@@ -68,12 +81,12 @@ def train(config: TrainConfig, progress: TrainProgress | None = None, resume: Pa
 
     placement = setup_placement(config.device, config.threads)
     try:
-        return _train(config, placement, progress, resume, resume_state)
+        return _train(config, placement, progress, resume, resume_state, initial_model, teacher, point_latest)
     finally:
         teardown(placement)
 
 
-def _train(config, placement: Placement, progress, resume_dir, resume_state) -> Run:
+def _train(config, placement: Placement, progress, resume_dir, resume_state, initial_model, teacher, point_latest) -> Run:
     # ---- set-up: data, recipe, model, optimizer; every device and precision decision is made here
     dataset = load_dataset(config.data)
     config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model, lambda m: model_entry(m).conv_net)
@@ -90,7 +103,12 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state) -> 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     torch.manual_seed(config.seed)
-    model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+    if initial_model is not None:
+        model = copy.deepcopy(initial_model).train()
+    else:
+        model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).eval().to(device=device, memory_format=memory_format)
     if resume_state is not None:
         load_state_into(model, resume_state.model_state, resume_dir)
     model = model.to(device=device, memory_format=memory_format)
@@ -128,6 +146,8 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state) -> 
         run_dir = _make_run_dir(config, placement)
         first_epoch, history = 0, []
     meta = _describe_run(config, dataset, model, precision, device, placement)
+    meta["model"]["pruned"] = initial_model is not None
+    meta["model"]["distilled"] = teacher is not None
     if progress and placement.is_main:
         progress.start(run_dir, config, first_epoch)
 
@@ -164,6 +184,11 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state) -> 
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     outputs = trained_model(inputs)
                 loss = _loss(outputs.float(), targets, classification, config.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        teacher_outputs = teacher(inputs)
+                    soft = _distillation_loss(outputs.float(), teacher_outputs.float(), config.kd_temperature)
+                    loss = (1 - config.kd_alpha) * loss + config.kd_alpha * soft
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -208,7 +233,8 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state) -> 
         meta = save_checkpoint(run_dir, model, None, {**meta, "history": history, "completed_epochs": config.epochs, "status": "complete"})
         # A finished run needs no optimizer state; it is as large as the weights.
         (run_dir / "train_state.safetensors").unlink(missing_ok=True)
-        point_latest_at(run_dir)
+        if point_latest:
+            point_latest_at(run_dir)
     barrier(placement)
     return Run(run_dir=run_dir, meta=meta)
 
@@ -268,6 +294,13 @@ def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr * (1 - progress)
+
+
+def _distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): KL between softened distributions, times T² so gradients keep their scale."""
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1), reduction="batchmean", log_target=True
+    ) * temperature**2
 
 
 def _loss(outputs: torch.Tensor, targets: torch.Tensor, classification: bool, label_smoothing: float) -> torch.Tensor:
