@@ -139,3 +139,62 @@ def test_mnist_reads_torchvision_files_without_downloading(tmp_path):
 def test_missing_torchvision_set_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="no CIFAR-10 in .*--download"):
         load_dataset(DataConfig(name="cifar10", data_dir=tmp_path))
+
+
+def _write_cifar(folder, rng, per_batch=4):
+    import pickle
+
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, per_batch).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+def test_cifar10_reads_torchvision_batches_with_numpy_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_cifar(tmp_path / "cifar-10-batches-py", rng)
+    data = load_dataset(DataConfig(name="cifar10", data_dir=tmp_path))
+    assert data.train_x.shape == (20, 3, 32, 32) and data.test_x.shape == (4, 3, 32, 32)
+    assert data.class_names[0] == "c0" and data.train_x.dtype == np.uint8
+
+
+def test_a_tampered_cifar_batch_cannot_run_code(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder, rng)
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (folder / "test_batch").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(DataError, match="test_batch: not a CIFAR-10 batch .*refusing to load"):
+        load_dataset(DataConfig(name="cifar10", data_dir=tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_vision_sets_load_where_torch_cannot_be_imported(tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "blocked"
+    for name in ("torch", "torchvision"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text("raise ImportError('torch is not available here')\n")
+    _write_cifar(tmp_path / "data" / "cifar-10-batches-py", np.random.default_rng(1))
+    code = (
+        "from bmc.data import load_dataset, DataConfig; from pathlib import Path; import sys; "
+        f"d = load_dataset(DataConfig(name='cifar10', data_dir=Path({str(tmp_path / 'data')!r}))); "
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None; print(d.train_x.shape)"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(20, 3, 32, 32)"
