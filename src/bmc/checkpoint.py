@@ -158,8 +158,41 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"{run_dir / RUN_META}: missing field {exc}") from None
     state = load_tensors(run_dir / weights["file"], expected_sha256=weights["sha256"])
     if model_meta.get("pruned"):
-        from bmc.compress.prune import shrink_to_state
-
         shrink_to_state(model, state)
     load_state_into(model, state, run_dir / weights["file"])
     return model.eval(), meta
+
+
+def shrink_to_state(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """Resize conv, BN and linear layers in place to the shapes a pruned model's state dict holds.
+
+    A pruned run is saved as its registry architecture plus weights of smaller shapes; loading
+    rebuilds the architecture and shrinks each layer to the saved shape before loading the weights.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = state.get(prefix + "weight")
+        if weight is None:
+            continue
+        if isinstance(module, torch.nn.Conv2d) and tuple(weight.shape) != tuple(module.weight.shape):
+            out_channels, in_per_group = weight.shape[0], weight.shape[1]
+            depthwise = module.groups == module.in_channels and module.groups > 1
+            module.out_channels = out_channels
+            module.groups = out_channels if depthwise else module.groups
+            module.in_channels = in_per_group * module.groups
+            module.weight = torch.nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(torch.empty(out_channels))
+        elif isinstance(module, torch.nn.BatchNorm2d) and weight.shape[0] != module.num_features:
+            features = weight.shape[0]
+            module.num_features = features
+            module.weight = torch.nn.Parameter(torch.empty(features))
+            module.bias = torch.nn.Parameter(torch.empty(features))
+            module.register_buffer("running_mean", torch.zeros(features))
+            module.register_buffer("running_var", torch.ones(features))
+        elif isinstance(module, torch.nn.Linear) and tuple(weight.shape) != tuple(module.weight.shape):
+            module.out_features, module.in_features = weight.shape
+            module.weight = torch.nn.Parameter(torch.empty_like(weight))
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(torch.empty(weight.shape[0]))
+    return model

@@ -143,38 +143,3 @@ def prune_magnitude(model: nn.Module, fraction: float) -> tuple[nn.Module, float
             weight[mask] = 0
             zeroed += int(mask.sum())
     return pruned, zeroed / len(magnitudes)
-
-
-def shrink_to_state(model: nn.Module, state: dict) -> nn.Module:
-    """Resize conv, BN and linear layers in place to the shapes a pruned model's state dict holds.
-
-    A pruned run is saved as its registry architecture plus weights of smaller shapes; loading
-    rebuilds the architecture and shrinks each layer to the saved shape before loading the weights.
-    """
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        weight = state.get(prefix + "weight")
-        if weight is None:
-            continue
-        if isinstance(module, nn.Conv2d) and tuple(weight.shape) != tuple(module.weight.shape):
-            out_channels, in_per_group = weight.shape[0], weight.shape[1]
-            depthwise = module.groups == module.in_channels and module.groups > 1
-            module.out_channels = out_channels
-            module.groups = out_channels if depthwise else module.groups
-            module.in_channels = in_per_group * module.groups
-            module.weight = nn.Parameter(torch.empty_like(weight))
-            if module.bias is not None:
-                module.bias = nn.Parameter(torch.empty(out_channels))
-        elif isinstance(module, nn.BatchNorm2d) and weight.shape[0] != module.num_features:
-            features = weight.shape[0]
-            module.num_features = features
-            module.weight = nn.Parameter(torch.empty(features))
-            module.bias = nn.Parameter(torch.empty(features))
-            module.register_buffer("running_mean", torch.zeros(features))
-            module.register_buffer("running_var", torch.ones(features))
-        elif isinstance(module, nn.Linear) and tuple(weight.shape) != tuple(module.weight.shape):
-            module.out_features, module.in_features = weight.shape
-            module.weight = nn.Parameter(torch.empty_like(weight))
-            if module.bias is not None:
-                module.bias = nn.Parameter(torch.empty(weight.shape[0]))
-    return model
