@@ -69,7 +69,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     original, meta = load_model(run_dir)
     example = torch.zeros(1, *meta["model"]["input_shape"])
     if config.prune_method == "l1-structured":
-        pruned, stats = prune_structured(original, example, config.prune)
+        pruned, stats = prune_structured(original, example, config.prune, latency_ms=lambda m: _onnx_latency_ms(m, example))
         stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
     else:
         pruned, zeroed = prune_magnitude(original, config.prune)
@@ -101,6 +101,27 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     exported = export(ExportConfig(run_dir=run.run_dir))
     report.stages.append({"stage": "export", **exported.summary()})
     return run.run_dir
+
+
+def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, seconds: float = 0.2) -> dict[int, float]:
+    """The model's median latency per batch size in onnxruntime on this CPU, best of a few short rounds."""
+    import tempfile
+
+    from bmc.bench.sessions import create_session
+    from bmc.bench.timing import measure, random_inputs, runner
+    from bmc.export import DEFAULT_OPSET
+    from bmc.export.onnx_export import torch_to_onnx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "candidate.onnx"
+        torch_to_onnx(model.eval(), example, path, DEFAULT_OPSET)
+        session = create_session(path, "cpu")
+        best: dict[int, float] = {}
+        for _ in range(rounds):
+            for batch in batch_sizes:
+                timing = measure(runner(session, random_inputs(session.session, batch)), batch, warmup=3, iters=None, seconds=seconds)
+                best[batch] = min(best.get(batch, float("inf")), timing.latency_ms_median)
+    return best
 
 
 def load_report(out_dir: Path) -> dict:

@@ -39,7 +39,7 @@ def export_model(config: ExportConfig) -> ExportResult:
     try:
         staged = staging / target.name
         exported = copy.deepcopy(model).half() if config.fp16 else model
-        _torch_export(exported, inputs[:1].to(next(exported.parameters()).dtype), staged, config)
+        torch_to_onnx(exported, inputs[:1].to(next(exported.parameters()).dtype), staged, config.opset, config.dynamic_batch)
         if config.fp16:
             metadata = dataclasses.replace(metadata, precision="fp16")
         _write_metadata(staged, metadata)
@@ -142,8 +142,9 @@ def _real_inputs(meta: dict, count: int) -> tuple[torch.Tensor, str]:
     return inputs, f"{len(inputs)} test samples of {dataset.name}"
 
 
-def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path, config: ExportConfig) -> None:
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if config.dynamic_batch else None
+def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool = True) -> None:
+    """torch.onnx.export with bmc's input/output names; ExportError with the exporter's first line on failure."""
+    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of dynamo; it stays the default here
@@ -157,7 +158,7 @@ def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path, con
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=dynamic_axes,
-                opset_version=config.opset,
+                opset_version=opset,
                 do_constant_folding=True,
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to a user
