@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from bmc.compress import CompressConfig, compress
+from bmc.data import DataConfig
 from bmc.compress.quantize import Candidate, QuantizeConfig, candidate_recipes, judge, quantize_int8
 from bmc.errors import BmcError, DataError, UsageError
 from bmc.export import ExportConfig, export
@@ -125,3 +126,13 @@ def test_magnitude_pruning_zeroes_weights_and_says_it_does_not_speed_up(workdir)
     report = compress(CompressConfig(prune=0.5, prune_method="magnitude", quantize="none", finetune_epochs=0))
     prune = next(s for s in report.stages if s["stage"] == "prune")
     assert 0.49 <= prune["weights_zeroed"] <= 0.51 and "speed is unchanged" in prune["note"]
+
+
+def test_pruning_strategies_are_timed_and_fastest_picks_by_latency(workdir):
+    train(TrainConfig(model="resnet20", data=DataConfig(name="synthetic"), epochs=1))
+    report = compress(CompressConfig(prune=0.5, prune_strategy="fastest", quantize="none", finetune_epochs=1))
+    prune = next(s for s in report.stages if s["stage"] == "prune")
+    timed = prune["candidate_latency_ms"]
+    assert len(timed) >= 2 and prune["strategy"] in timed
+    product = {name: times[1] * times[32] for name, times in timed.items()}
+    assert prune["strategy"] == min(product, key=product.get)

@@ -143,7 +143,7 @@ def describe_model(path: Path | str) -> dict:
 
 
 def default_model_paths() -> list[Path]:
-    """The .onnx files of runs/latest and of its compressed/ folder (model.onnx first), for `bmc bench` with no paths."""
+    """The .onnx files of runs/latest and what `bmc compress` made of them (model.onnx first), for `bmc bench` with no paths."""
     from bmc.artifact import resolve_run_dir
 
     try:
@@ -153,7 +153,12 @@ def default_model_paths() -> list[Path]:
             "no models given and runs/latest does not exist; pass MODEL.onnx files, or run `bmc train` and `bmc export`"
         ) from None
     # compressed/ is where `bmc compress` writes: the original against what compression made of it.
-    paths = sorted(run_dir.glob("*.onnx"), key=lambda p: (p.name != "model.onnx", p.name)) + sorted((run_dir / "compressed").glob("*.onnx"))
+    compressed = run_dir / "compressed"
+    paths = (
+        sorted(run_dir.glob("*.onnx"), key=lambda p: (p.name != "model.onnx", p.name))
+        + sorted(compressed.glob("pruned-run/*.onnx"))
+        + sorted(compressed.glob("*.onnx"))
+    )
     if not paths:
         raise BmcError(f"no models given and no .onnx files in {run_dir}; run `bmc export` first")
     return paths

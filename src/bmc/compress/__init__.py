@@ -27,6 +27,7 @@ class CompressConfig:
     source: Path | None = None
     prune: float = 0.0
     prune_method: str = "l1-structured"
+    prune_strategy: str = "uniform"  # or "fastest": the candidate with the lowest measured latency
     finetune_epochs: int | None = None
     distill: bool = True
     quantize: str = "int8"
@@ -39,6 +40,8 @@ class CompressConfig:
             raise UsageError(f"prune must be in [0, 0.95] (the fraction of multiply-accumulates removed); got {self.prune}")
         if self.prune_method not in PRUNE_METHODS:
             raise UsageError(f"prune_method must be one of {', '.join(PRUNE_METHODS)}; got {self.prune_method!r}")
+        if self.prune_strategy not in ("uniform", "fastest"):
+            raise UsageError(f"prune_strategy must be one of uniform, fastest; got {self.prune_strategy!r}")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs <= 1000:
             raise UsageError(f"finetune_epochs must be in [0, 1000]; got {self.finetune_epochs}")
         if self.quantize not in QUANTIZATIONS:

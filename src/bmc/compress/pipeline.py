@@ -69,7 +69,9 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     original, meta = load_model(run_dir)
     example = torch.zeros(1, *meta["model"]["input_shape"])
     if config.prune_method == "l1-structured":
-        pruned, stats = prune_structured(original, example, config.prune, latency_ms=lambda m: _onnx_latency_ms(m, example))
+        pruned, stats = prune_structured(
+            original, example, config.prune, latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy
+        )
         stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
     else:
         pruned, zeroed = prune_magnitude(original, config.prune)
