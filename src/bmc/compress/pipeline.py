@@ -89,8 +89,11 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
 
         shutil.rmtree(finetune_dir)
     if epochs > 0:
-        # A tenth of the original peak: the pruned model starts close to a good solution.
-        finetune = dataclasses.replace(trained, epochs=epochs, lr=trained.lr * 0.1, out=finetune_dir)
+        # SGD restarts at a tenth of the original peak, as the pruned model starts near a good
+        # solution; AdamW's steps are already scale-free and recover best at the original peak
+        # (digits MLP, 20 epochs: 91.9% at a tenth, 93.3% at half, 94.4% at the full rate).
+        factor = 0.1 if trained.optimizer == "sgd" else 1.0
+        finetune = dataclasses.replace(trained, epochs=epochs, lr=trained.lr * factor, out=finetune_dir)
         run = train(finetune, initial_model=pruned, teacher=original if config.distill else None, point_latest=False)
         stage.update(finetune_epochs=epochs, distilled=config.distill, test_metrics={k: v for k, v in run.final_metrics.items() if k.startswith("test_")})
     else:
