@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from bmc.bench import BenchConfig, bench  # noqa: E402
-from bmc.compress.quantize import QuantizeConfig, QuantRecipe, _calibration_batches, _quantize_static, quantize_int8  # noqa: E402
+from bmc.compress.quantize import QuantizeConfig, QuantRecipe, calibration_batches, quantize_with_recipe, quantize_int8  # noqa: E402
 
 
 def plain_grid() -> list[QuantRecipe]:
@@ -68,7 +68,7 @@ def main() -> None:
         label = label or f"{metadata.model}-{metadata.dataset}"
         dataset = load_eval_dataset(data_name, data_dir, metadata, tuple(metadata.input_shape))
         plan = plan_preprocessing(str(source), metadata, tuple(metadata.input_shape), dataset)
-        batches = _calibration_batches(dataset, plan, 512 if args.run else 64, seed=0)
+        batches = calibration_batches(dataset, plan, 512 if args.run else 64, seed=0)
         input_name = model.inputs[0].name
 
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -77,11 +77,11 @@ def main() -> None:
         quant_pre_process(str(source), str(prepared))
         entries = [("fp32", source)]
         obvious = scratch / "obvious.onnx"
-        _quantize_static(source, obvious, QuantRecipe("QDQ", "int8", "int8", per_channel=False), input_name, batches, "minmax")
+        quantize_with_recipe(source, obvious, QuantRecipe("QDQ", "int8", "int8", per_channel=False), input_name, batches, "minmax")
         entries.append(("quantize_static on the export (QDQ S8S8)", obvious))
         for recipe in plain_grid():
             path = scratch / f"{recipe.name}.onnx"
-            _quantize_static(prepared, path, recipe, input_name, batches, "minmax")
+            quantize_with_recipe(prepared, path, recipe, input_name, batches, "minmax")
             entries.append((f"pre-processed {recipe.name}", path))
         chosen = quantize_int8(
             source,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -128,6 +127,3 @@ def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, secon
                 best[batch] = min(best.get(batch, float("inf")), timing.latency_ms_median)
     return best
 
-
-def load_report(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / REPORT).read_text())

@@ -169,12 +169,12 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
     work.mkdir()
     try:
         prepared = _pre_process(model_path, work / "preprocessed.onnx")
-        calibration = _calibration_batches(dataset, plan, config.calib_samples, config.seed)
+        calibration = calibration_batches(dataset, plan, config.calib_samples, config.seed)
         flags = cpu_info()["flags"]
         paths = []
         for recipe in candidate_recipes(flags):
             path = work / f"int8-{recipe.name}.onnx"
-            _quantize_static(prepared, path, recipe, input_name, calibration, config.calib_method)
+            quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method)
             paths.append((recipe, path))
 
         all_paths = [model_path, *(p for _, p in paths)]
@@ -265,7 +265,8 @@ def _pre_process(source: Path, target: Path) -> Path:
     return target
 
 
-def _calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32) -> list[np.ndarray]:
+def calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32) -> list[np.ndarray]:
+    """`samples` training samples, drawn with `seed` and preprocessed as the model expects, in batches."""
     from bmc.bench.accuracy import preprocess
 
     count = min(samples, len(dataset.train_x))
@@ -273,7 +274,8 @@ def _calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32
     return [preprocess(dataset.train_x[chosen[i : i + batch]], plan) for i in range(0, count, batch)]
 
 
-def _quantize_static(source: Path, target: Path, recipe: QuantRecipe, input_name: str, batches, method: str) -> None:
+def quantize_with_recipe(source: Path, target: Path, recipe: QuantRecipe, input_name: str, batches, method: str) -> None:
+    """onnxruntime's quantize_static with one recipe, calibrated on `batches`."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
