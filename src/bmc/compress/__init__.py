@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bmc.errors import BmcError, UsageError
+
+if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer lazily; the config type is enough here
+    from bmc.compress.quantize import QuantizeConfig
 
 QUANTIZATIONS = ("none", "int8", "fp16")
 PRUNE_METHODS = ("l1-structured", "magnitude")
@@ -33,7 +37,7 @@ class CompressConfig:
     quantize: str = "int8"
     target: str = "cpu"
     out: Path | None = None
-    quantization: "object" = None  # a bmc.compress.quantize.QuantizeConfig; None: its defaults
+    quantization: QuantizeConfig | None = None  # None: QuantizeConfig's defaults
 
     def __post_init__(self) -> None:
         if not 0 <= self.prune <= 0.95:

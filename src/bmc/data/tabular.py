@@ -63,48 +63,39 @@ def load_digits(config: DataConfig) -> Dataset:
     )
 
 
-@register_dataset("iris", "scikit-learn's iris table: 150 flowers, 4 features, 3 classes")
-def load_iris(config: DataConfig) -> Dataset:
-    from sklearn.datasets import load_iris as sk_iris
-
-    bunch = sk_iris()
-    train_x, test_x, train_y, test_y = _split(bunch.data.astype(np.float32), bunch.target.astype(np.int64), True)
+def _sklearn_table(name: str, bunch, task: str, default_model: str) -> Dataset:
+    """A scikit-learn table as a Dataset: the fixed split, features standardized by the training rows."""
+    classification = task == CLASSIFICATION
+    targets = bunch.target.astype(np.int64 if classification else np.float32)
+    train_x, test_x, train_y, test_y = _split(bunch.data.astype(np.float32), targets, stratify=classification)
     return Dataset(
-        name="iris",
+        name=name,
         train_x=train_x,
         train_y=train_y,
         test_x=test_x,
         test_y=test_y,
-        input_shape=(4,),
+        input_shape=tuple(train_x.shape[1:]),
         normalization=_feature_normalization(train_x),
         layout=TABLE,
-        class_names=tuple(str(n) for n in bunch.target_names),
-        default_model="seed-iris-mlp",
-        source="sklearn.datasets.load_iris",
+        task=task,
+        class_names=tuple(str(n) for n in bunch.target_names) if classification else (),
+        default_model=default_model,
+        source=f"sklearn.datasets.load_{name}",
     )
+
+
+@register_dataset("iris", "scikit-learn's iris table: 150 flowers, 4 features, 3 classes")
+def load_iris(config: DataConfig) -> Dataset:
+    from sklearn.datasets import load_iris as sk_iris
+
+    return _sklearn_table("iris", sk_iris(), CLASSIFICATION, "seed-iris-mlp")
 
 
 @register_dataset("diabetes", "scikit-learn's diabetes regression table: 442 patients, 10 features")
 def load_diabetes(config: DataConfig) -> Dataset:
     from sklearn.datasets import load_diabetes as sk_diabetes
 
-    bunch = sk_diabetes()
-    train_x, test_x, train_y, test_y = _split(
-        bunch.data.astype(np.float32), bunch.target.astype(np.float32), stratify=False
-    )
-    return Dataset(
-        name="diabetes",
-        train_x=train_x,
-        train_y=train_y,
-        test_x=test_x,
-        test_y=test_y,
-        input_shape=(10,),
-        normalization=_feature_normalization(train_x),
-        layout=TABLE,
-        task=REGRESSION,
-        default_model="seed-linear",
-        source="sklearn.datasets.load_diabetes",
-    )
+    return _sklearn_table("diabetes", sk_diabetes(), REGRESSION, "seed-linear")
 
 
 @register_dataset("synthetic", "random tensors of --input-shape, for smoke tests and latency work")
