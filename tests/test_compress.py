@@ -4,6 +4,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from bmc.bench.sessions import cuda_works
 from bmc.compress import CompressConfig, compress
 from bmc.data import DataConfig
 from bmc.compress.quantize import Candidate, QuantizeConfig, candidate_recipes, judge, quantize_int8
@@ -74,25 +75,44 @@ def test_recipes_follow_the_cpu():
 def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
     with pytest.raises(UsageError, match=r"prune must be in \[0, 0.95\]"):
         CompressConfig(prune=1.2)
-    with pytest.raises(UsageError, match="quantize must be one of none, int8, fp16; got 'int3'"):
+    with pytest.raises(UsageError, match="quantize must be one of auto, none, int8, fp16; got 'int3'"):
         CompressConfig(quantize="int3")
     with pytest.raises(BmcError, match="pruning needs a bmc run directory"):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
     result = run_bmc("compress", "--quantize", "int3", cwd=workdir)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of none, int8, fp16; got 'int3'"]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of auto, none, int8, fp16; got 'int3'"]
 
 
-def test_fp16_from_a_run_directory(digits_onnx, workdir):
+def test_fp16_on_cpu_is_kept_only_when_measured_faster(digits_onnx, workdir):
     report = compress(CompressConfig(source=workdir / "runs" / "latest", quantize="fp16"))
     half = workdir / "runs" / "latest" / "compressed" / "model-fp16.onnx"
-    assert report.result == str(half) and half.is_file()
-    assert report.stages[-1]["max_abs_diff"] <= 5e-2
+    stage = report.stages[-1]
+    assert stage["method"] == "fp16" and stage["timed_on"] == "cpu" and stage["max_abs_diff"] <= 5e-2
+    assert set(stage["speedup"]) == {1, 32} and stage["accuracy_drop_points"] is not None
+    faster = all(s > 1 for s in stage["speedup"].values())
+    assert stage["accepted"] == (faster and stage["accuracy_drop_points"] <= 1.0)
+    if stage["accepted"]:
+        assert report.result == str(half) and half.is_file()
+    else:  # kept fp32, and the slower candidate is not left beside it
+        assert Path(report.result).resolve() == digits_onnx.resolve() and not half.exists() and stage["note"].startswith("kept fp32")
 
 
+needs_no_gpu = pytest.mark.skipif(cuda_works(), reason="checks what happens where onnxruntime has no CUDA provider")
+
+
+@needs_no_gpu
+def test_target_cuda_defaults_to_fp16_and_says_it_was_not_timed_here(digits_onnx, workdir):
+    report = compress(CompressConfig(target="cuda"))
+    stage = report.stages[-1]
+    assert stage["method"] == "fp16" and stage["timed_on"] is None and "not timed" in stage["note"]
+    assert report.result.endswith("model-fp16.onnx") and Path(report.result).is_file()
+
+
+@needs_no_gpu
 def test_bench_without_arguments_compares_the_original_with_what_compress_wrote(digits_onnx, workdir):
-    compress(CompressConfig(quantize="fp16"))
+    compress(CompressConfig(target="cuda"))
     result = run_bmc("bench", "--iters", "3", "--batch-sizes", "1", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     names = [m["name"] for m in json.loads(result.stdout)["models"]]

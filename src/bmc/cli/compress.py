@@ -16,8 +16,8 @@ def compress_command(
     prune_strategy: str = typer.Option("uniform", "--prune-strategy", help="uniform (gentlest on accuracy) or fastest (lowest measured latency)."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning (default per data set)."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),
-    quantize: str = typer.Option("int8", "--quantize", help="int8 (measured, with a speed guarantee), fp16, or none."),
-    target: str = typer.Option("cpu", "--target", help="cpu or cuda."),
+    quantize: str = typer.Option("auto", "--quantize", help="int8, fp16 or none, each kept only if measured faster; auto: int8 for cpu, fp16 for cuda."),
+    target: str = typer.Option("cpu", "--target", help="cpu or cuda: where the model will run, and is timed."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's)."),
     calib_data_dir: Optional[Path] = typer.Option(None, "--calib-data-dir", help="Where that data set lives."),
     calib_samples: int = typer.Option(512, "--calib-samples", help="Training samples used for calibration."),
@@ -75,6 +75,8 @@ def compress_command(
                 else:
                     mark = "accepted, not the fastest" if candidate["accepted"] else "rejected: " + candidate["reason"]
                 typer.echo(f"  {candidate['recipe']:<40} {speed}{accuracy}  [{mark}]")
+            typer.echo(stage["note"])
+        if stage["stage"] == "quantize" and stage["method"] == "fp16":
             typer.echo(stage["note"])
     typer.echo(f"result: {report.result} (report: {Path(report.out_dir) / 'compress_report.json'})")
 

@@ -7,6 +7,7 @@ guarantee, or fp16). Importing this package does not import torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,8 @@ from bmc.errors import BmcError, UsageError
 if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer lazily; the config type is enough here
     from bmc.compress.quantize import QuantizeConfig
 
-QUANTIZATIONS = ("none", "int8", "fp16")
+# "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
+QUANTIZATIONS = ("auto", "none", "int8", "fp16")
 PRUNE_METHODS = ("l1-structured", "magnitude")
 # Fine-tuning epochs after pruning when --finetune-epochs is not given.
 FINETUNE_EPOCHS = {"digits": 20, "iris": 30, "cifar10": 5, "imagefolder": 5, "mnist": 2, "fashion-mnist": 3}
@@ -34,7 +36,7 @@ class CompressConfig:
     prune_strategy: str = "uniform"  # or "fastest": the candidate with the lowest measured latency
     finetune_epochs: int | None = None
     distill: bool = True
-    quantize: str = "int8"
+    quantize: str = "auto"
     target: str = "cpu"
     out: Path | None = None
     quantization: QuantizeConfig | None = None  # None: QuantizeConfig's defaults
@@ -72,4 +74,6 @@ def compress(config: CompressConfig) -> CompressReport:
         raise BmcError("pruning needs a bmc run directory (the PyTorch model); an ONNX file can only be quantized")
     if config.target == "cuda" and config.quantize == "int8":
         raise UsageError("int8 QDQ models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
+    if config.quantize == "auto":
+        config = dataclasses.replace(config, quantize="fp16" if config.target == "cuda" else "int8")
     return run_pipeline(config)

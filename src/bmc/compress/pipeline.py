@@ -37,9 +37,7 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
             exported = export(ExportConfig(run_dir=run_dir))
             report.stages.append({"stage": "export", **exported.summary()})
         if config.quantize == "fp16":
-            half = export(ExportConfig(run_dir=run_dir, fp16=True, out=out_dir / "model-fp16.onnx"))
-            report.stages.append({"stage": "quantize", "method": "fp16", **half.summary()})
-            report.result = str(half.path)
+            report.result = _fp16_stage(run_dir, onnx_path, out_dir, config, report)
     elif config.quantize == "fp16":
         raise UsageError("--quantize fp16 needs a run directory (it re-exports the PyTorch model in half precision)")
 
@@ -52,6 +50,30 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         report.result = str(onnx_path)
     atomic_write_json(out_dir / REPORT, asdict(report))
     return report
+
+
+def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> str:
+    """Export in half precision, then keep it only where it is measured faster on the target; returns the result's path."""
+    from bmc.compress.half import judge_fp16
+    from bmc.export import ExportConfig, export
+
+    half = export(ExportConfig(run_dir=run_dir, fp16=True, out=out_dir / "model-fp16.onnx"))
+    quantization = config.quantization
+    judged = judge_fp16(
+        fp32_path,
+        half.path,
+        config.target,
+        max_accuracy_drop_points=quantization.max_accuracy_drop_points if quantization else 1.0,
+        data=quantization.calib_data if quantization else None,
+        data_dir=quantization.calib_data_dir if quantization else None,
+    )
+    report.stages.append({"stage": "quantize", "method": "fp16", **half.summary(), **judged.to_dict()})
+    if judged.accepted:
+        return str(half.path)
+    # A rejected candidate is not left beside the result, as with int8.
+    half.path.unlink(missing_ok=True)
+    Path(f"{half.path}.sha256").unlink(missing_ok=True)
+    return str(fp32_path)
 
 
 def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> Path:
