@@ -1,6 +1,7 @@
 """Load on loopback: bmc serve (batching on and off, JSON and binary tensors) against the peer servers, one run.
 
     python benchmarks/serve_load.py --seconds 3            # digits MLP and resnet20, concurrency 1, 16, 64
+    python benchmarks/serve_load.py --providers cuda --models resnet20 --servers bmc,bmc-nobatch --client-processes 4
 
 Each point is a bounded asyncio load (aiohttp, `--seconds` per point, closed loop of `concurrency`
 clients) that stops by itself. Peers start with ../shared/peers/start.sh from the venvs made by
@@ -48,11 +49,11 @@ def make_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-def start_server(kind: str, name: str, model: Path, port: int) -> subprocess.Popen:
+def start_server(kind: str, name: str, model: Path, port: int, providers: str = "cpu") -> subprocess.Popen:
     if kind.startswith("bmc"):
         max_batch = "1" if kind == "bmc-nobatch" else "32"
         command = [sys.executable, "-m", "bmc", "serve", str(model), "--name", name, "--port", str(port),
-                   "--threads", "1", "--max-batch", max_batch]
+                   "--threads", "1", "--max-batch", max_batch, "--providers", providers]
     else:
         command = ["bash", str(PEERS_SCRIPTS / "start.sh"), str(PEERS_VENVS), kind, name, str(model), str(port)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -96,8 +97,40 @@ def request_body(shape: tuple[int, ...], binary: bool) -> tuple[bytes, dict]:
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
 
 
-async def load_point(port: int, name: str, body: bytes, headers: dict, concurrency: int, seconds: float) -> dict:
-    """A closed loop of `concurrency` clients for `seconds`; requests/s, p50, p99 (ms) and errors."""
+def _client_process(port: int, name: str, body: bytes, headers: dict, concurrency: int, seconds: float) -> tuple[list[float], int, float]:
+    return asyncio.run(_closed_loop(port, name, body, headers, concurrency, seconds))
+
+
+async def load_point(port: int, name: str, body: bytes, headers: dict, concurrency: int, seconds: float, processes: int = 1) -> dict:
+    """A closed loop of `concurrency` clients for `seconds`; requests/s, p50, p99 (ms) and errors.
+
+    With processes > 1 the clients are spread over that many processes, so that one Python client
+    process's own cost per request does not cap what a fast server can show.
+    """
+    if processes <= 1 or concurrency < processes:
+        latencies_ms, errors, elapsed = await _closed_loop(port, name, body, headers, concurrency, seconds)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(processes) as pool:
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(pool, _client_process, port, name, body, headers, share, seconds) for share in shares
+            ))
+        latencies_ms = [v for part in parts for v in part[0]]
+        errors = sum(part[1] for part in parts)
+        elapsed = max(part[2] for part in parts)
+    values = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
+    return {
+        "requests_per_s": round(len(latencies_ms) / elapsed, 1),
+        "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
+        "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
+        "errors": errors,
+    }
+
+
+async def _closed_loop(port: int, name: str, body: bytes, headers: dict, concurrency: int, seconds: float) -> tuple[list[float], int, float]:
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
@@ -126,22 +159,14 @@ async def load_point(port: int, name: str, body: bytes, headers: dict, concurren
         began = time.monotonic()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.monotonic() - began
-    values = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
-    return {
-        "requests_per_s": round(len(latencies_ms) / elapsed, 1),
-        "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
-        "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
-        "errors": errors,
-    }
+    return latencies_ms, errors, elapsed
 
 
-def onnxruntime_limit(model: Path, shape: tuple[int, ...], seconds: float = 1.0) -> dict:
+def onnxruntime_limit(model: Path, shape: tuple[int, ...], seconds: float = 1.0, device: str = "cpu") -> dict:
     """Images/s of the bare session (1 thread) at batch 1, 8, 32: the physical limit for serving."""
-    import onnxruntime as ort
+    from bmc.bench.sessions import create_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = create_session(model, device, threads=1).session
     results = {}
     for batch in (1, 8, 32):
         x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
@@ -162,14 +187,14 @@ async def main_async(args) -> dict:
     servers = [s for s in args.servers.split(",") if s]
     rows, points, limits = [], [], {}
     for model_name in [m for m in args.models.split(",") if m]:
-        limits[model_name] = onnxruntime_limit(models[model_name], shapes[model_name])
+        limits[model_name] = onnxruntime_limit(models[model_name], shapes[model_name], device=args.providers)
         for kind in servers:
             if kind in ("mlserver", "mlserver-batch", "kserve") and not peers_ok:
                 print(f"skipping {kind}: no venvs in {PEERS_VENVS} (run ../shared/peers/setup.sh .peers)")
                 continue
             encodings = ("json", "binary") if kind.startswith("bmc") else ("json",)
             port = _free_port()
-            process = start_server(kind, "model", models[model_name], port)
+            process = start_server(kind, "model", models[model_name], port, args.providers)
             try:
                 if not await wait_ready(port, process):
                     print(f"skipping {kind} for {model_name}: not ready")
@@ -178,7 +203,7 @@ async def main_async(args) -> dict:
                     body, headers = request_body(shapes[model_name], encoding == "binary")
                     await load_point(port, "model", body, headers, 4, 0.5)  # warm-up, not recorded
                     for concurrency in args.concurrency:
-                        point = await load_point(port, "model", body, headers, concurrency, args.seconds)
+                        point = await load_point(port, "model", body, headers, concurrency, args.seconds, args.client_processes)
                         point.update(model=model_name, server=kind, encoding=encoding, concurrency=concurrency)
                         points.append(point)
                         rows.append([model_name, kind, encoding, concurrency, point["requests_per_s"],
@@ -188,9 +213,10 @@ async def main_async(args) -> dict:
             finally:
                 stop_server(process)
     print_table("serving on loopback (requests/s, latency ms)", ["model", "server", "body", "conc.", "req/s", "p50", "p99", "errors"], rows)
-    print_table("onnxruntime alone, 1 thread (images/s by batch size)", ["model", "batch 1", "batch 8", "batch 32"],
+    print_table(f"onnxruntime alone, {args.providers}, 1 thread (images/s by batch size)", ["model", "batch 1", "batch 8", "batch 32"],
                 [[m, v[1], v[8], v[32]] for m, v in limits.items()])
-    return {"seconds_per_point": args.seconds, "points": points, "onnxruntime_images_per_s": limits}
+    return {"seconds_per_point": args.seconds, "providers": args.providers, "client_processes": args.client_processes,
+            "points": points, "onnxruntime_images_per_s": limits}
 
 
 def main() -> None:
@@ -199,6 +225,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--models", default="digits-mlp,resnet20")
     parser.add_argument("--servers", default="bmc,bmc-nobatch," + ",".join(PEER_KINDS))
+    parser.add_argument("--providers", default="cpu", choices=("cpu", "cuda"), help="bmc serve's onnxruntime providers")
+    parser.add_argument("--client-processes", type=int, default=1, help="spread the clients over this many processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not 0 < args.seconds <= 60 or not all(1 <= c <= 256 for c in args.concurrency):

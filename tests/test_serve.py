@@ -415,3 +415,40 @@ def test_serves_where_importing_torch_fails(models, tmp_path):
         assert status == 200 and body["outputs"][0]["shape"] == [2, 10]
     finally:
         server.stop()
+
+
+def test_batches_padded_to_buckets_give_each_request_its_own_rows():
+    """The CUDA path's padding, run on the CPU: every run sees a bucket size, every request its rows."""
+    import asyncio
+
+    from bmc.serve_edge.batcher import DynamicBatcher
+    from bmc.serve_edge.metrics import ServeMetrics
+
+    seen_rows = []
+
+    def run_batch(feed):
+        x = feed["x"]
+        seen_rows.append(len(x))
+        return {"y": x * 2 + 1}
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            "m", run_batch, ServeMetrics(["m"]), max_batch=8, max_delay_ms=50, max_queue=64, can_merge=True, batch_buckets=(1, 2, 4, 8)
+        )
+        batcher.start()
+        requests = [np.full((rows, 3), float(i), dtype=np.float32) for i, rows in enumerate([3, 2, 1, 3])]
+        for _ in requests:
+            batcher.arrival_started()
+        pending = [asyncio.ensure_future(batcher.infer({"x": x}, len(x), timeout_s=10)) for x in requests]
+        await asyncio.sleep(0)
+        for _ in requests:
+            batcher.arrival_finished()
+        results = await asyncio.gather(*pending)
+        await batcher.stop()
+        return requests, results
+
+    requests, results = asyncio.run(scenario())
+    for x, out in zip(requests, results):
+        np.testing.assert_array_equal(out["y"], x * 2 + 1)
+    # 3 + 2 + 1 rows run padded to 8, the last 3 to 4
+    assert seen_rows == [8, 4]

@@ -57,7 +57,12 @@ def session_options(threads: int | None):
 
 
 def create_session(
-    path: Path, device: str = "cpu", threads: int | None = None, cuda_graph: bool = False, tensorrt: bool = False
+    path: Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    tensorrt: bool = False,
+    conv_algo_search: str = "EXHAUSTIVE",
 ) -> OpenSession:
     """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it.
 
@@ -74,7 +79,7 @@ def create_session(
         return OpenSession(session, Path(path), "cpu", tuple(session.get_providers()), threads)
 
     _prepare_cuda(ort)
-    cuda_options = {"device_id": "0"}
+    cuda_options = {"device_id": "0", "cudnn_conv_algo_search": conv_algo_search}
     if cuda_graph:
         cuda_options["enable_cuda_graph"] = "1"
     requested = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]

@@ -46,6 +46,7 @@ class ServeApp:
                 max_queue=config.max_queue,
                 can_merge=model.can_merge,
                 describe_error=_ort_reason,
+                batch_buckets=model.batch_buckets(config.max_batch),
             )
             for name, model in models.items()
         }

@@ -10,6 +10,9 @@ The policy, per model:
     (QueueFullError, 503 with Retry-After) instead of piling up latency.
   - A request still unanswered --timeout-ms after it was queued gets DeadlineExceeded (504); if it
     was still queued it is dropped from the queue and never runs.
+  - With batch buckets (models on CUDA), a batch is padded with zero rows up to the next bucket size,
+    so onnxruntime sees a handful of shapes, all warmed up before the model is ready, instead of every
+    size up to --max-batch. The padding rows are dropped from the outputs.
 A batch that onnxruntime rejects is rerun one request at a time, so one bad request fails alone.
 """
 
@@ -70,6 +73,7 @@ class DynamicBatcher:
         max_queue: int,
         can_merge: bool,
         describe_error: Callable[[Exception], str] = str,
+        batch_buckets: tuple[int, ...] = (),
     ):
         self.model_name = model_name
         self._run_batch = run_batch
@@ -78,6 +82,7 @@ class DynamicBatcher:
         self._max_delay_s = max_delay_ms / 1000.0
         self._max_queue = max_queue
         self._describe_error = describe_error
+        self._buckets = tuple(sorted(batch_buckets)) if can_merge else ()
         self._queue: deque[_Queued] = deque()
         self._queued_rows = 0
         self._arriving = 0
@@ -196,10 +201,17 @@ class DynamicBatcher:
         rows = sum(item.rows for item in batch)
         now_s = loop.time()
         self._metrics.batch_ran(self.model_name, rows, [now_s - item.enqueued_s for item in batch])
-        if len(batch) == 1:
+        padded_rows = next((b for b in self._buckets if b >= rows), rows)
+        if len(batch) == 1 and padded_rows == rows:
             feed = batch[0].inputs
         else:
-            feed = {name: np.concatenate([item.inputs[name] for item in batch]) for name in batch[0].inputs}
+            feed = {
+                name: np.concatenate(
+                    [item.inputs[name] for item in batch]
+                    + ([np.zeros((padded_rows - rows, *batch[0].inputs[name].shape[1:]), batch[0].inputs[name].dtype)] if padded_rows > rows else [])
+                )
+                for name in batch[0].inputs
+            }
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, feed)
         except Exception as exc:  # onnxruntime's own error types
@@ -210,11 +222,11 @@ class DynamicBatcher:
             for item in batch:  # find the request that caused it; the others still get answers
                 await self._run([item], loop)
             return
-        if len(batch) == 1:
+        if len(batch) == 1 and padded_rows == rows:
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
             return
-        if any(array.ndim == 0 or array.shape[0] != rows for array in outputs.values()):
+        if any(array.ndim == 0 or array.shape[0] != padded_rows for array in outputs.values()):
             for item in batch:  # an output without a batch axis cannot be split: run each alone
                 await self._run([item], loop)
             return

@@ -28,7 +28,7 @@ def run_server(config: ServeConfig) -> int:
     models = {}
     hashes = config.sha256 or (None,) * len(config.models)
     for path, name, digest in zip(config.models, config.model_names, hashes):
-        models[name] = load_model(path, name, digest, config.intra_op_threads, device)
+        models[name] = load_model(path, name, digest, config.intra_op_threads, device, config.max_batch)
     app = ServeApp(models, config, ServeMetrics(config.model_names))
     listener = _listen(config.host, config.port)
     port = listener.getsockname()[1]
