@@ -452,3 +452,48 @@ def test_batches_padded_to_buckets_give_each_request_its_own_rows():
         np.testing.assert_array_equal(out["y"], x * 2 + 1)
     # 3 + 2 + 1 rows run padded to 8, the last 3 to 4
     assert seen_rows == [8, 4]
+
+
+def test_live_answers_while_models_load_and_ready_waits_for_them(workdir):
+    # Its warm-up run alone takes seconds: loading is still under way when the server first answers.
+    model = slow_model(workdir / "slow-load.onnx", trips=6000)
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bmc", "serve", str(model), "--threads", "1", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    probe = Server.__new__(Server)
+    probe.port, probe.process = port, process
+    try:
+        deadline = time.monotonic() + 30
+        live = None
+        while live != 200 and time.monotonic() < deadline:
+            try:
+                live = probe.request("GET", "/v2/health/live")[0]
+            except OSError:
+                time.sleep(0.05)
+        assert live == 200
+        assert probe.request("GET", "/v2/health/ready")[0] == 503
+        status, body, headers = probe.request("GET", "/v2/models/slow-load")
+        assert status == 503 and "still loading" in json.loads(body)["error"] and headers.get("retry-after") == "1"
+        assert probe.request("GET", "/v2/models/other")[0] == 404
+        deadline = time.monotonic() + 120
+        while probe.request("GET", "/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, _, _ = probe.infer("slow-load", np.zeros((1, SLOW_DIM), np.float32))
+        assert status == 200
+    finally:
+        probe.stop()
+
+
+def test_a_model_onnxruntime_cannot_load_stops_the_server_with_one_line(workdir):
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOperator", ["input"], ["output"], domain="bmc.test")],
+        "broken",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+    )
+    broken = workdir / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("bmc.test", 1)], ir_version=8), broken)
+    write_sidecar_sha256(broken)
+    result = run_bmc("serve", str(broken), "--port", str(_free_port()), cwd=workdir, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("info:") and line.strip()]
+    assert result.returncode == 1 and len(errors) == 1 and str(broken) in errors[0] and "Traceback" not in result.stderr, result.stderr

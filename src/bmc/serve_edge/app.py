@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import orjson
 
 from bmc import __version__
+from bmc.errors import BmcError
 from bmc.serve_edge import ServeConfig
 from bmc.serve_edge.batcher import DeadlineExceeded, DynamicBatcher, InferenceFailed, QueueFullError, ShuttingDown
 from bmc.serve_edge.codec import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
@@ -30,33 +32,57 @@ MODEL_VERSION = "1"
 
 
 class ServeApp:
-    """ASGI app serving already-loaded models; `draining` turns ready off and refuses new work."""
+    """ASGI app serving the models `load_models` returns.
 
-    def __init__(self, models: dict[str, ServedModel], config: ServeConfig, metrics: ServeMetrics):
-        self.models = models
+    Loading (onnxruntime sessions, warm-up) runs in a thread once the server listens: `live` answers
+    from the start, `ready` and the model routes only once every model is loaded (503 until then).
+    `draining` turns ready off and refuses new work.
+    """
+
+    def __init__(self, load_models: Callable[[], dict[str, ServedModel]], config: ServeConfig, metrics: ServeMetrics):
+        self.names = tuple(config.model_names)
+        self.models: dict[str, ServedModel] = {}  # filled once every model has loaded
         self.config = config
         self.metrics = metrics
-        self.batchers = {
-            name: DynamicBatcher(
-                name,
-                model.run,
-                metrics,
-                max_batch=config.max_batch,
-                max_delay_ms=config.max_delay_ms,
-                max_queue=config.max_queue,
-                can_merge=model.can_merge,
-                describe_error=_ort_reason,
-                batch_buckets=model.batch_buckets(config.max_batch),
-            )
-            for name, model in models.items()
-        }
+        self.batchers: dict[str, DynamicBatcher] = {}
         self.started = False
         self.draining = False
+        self.load_error: BmcError | None = None
+        self.on_loaded: Callable[[dict[str, ServedModel]], None] = lambda models: None
+        self.on_load_failure: Callable[[BmcError], None] = lambda error: None
+        self._load_models = load_models
+        self._loading: asyncio.Task | None = None
         self._timeout_s = config.timeout_ms / 1000.0
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.started and bool(self.models) and not self.draining
+
+    async def _load(self) -> None:
+        try:
+            models = await asyncio.to_thread(self._load_models)
+        except BmcError as exc:  # reported once, by the command, after the server has stopped
+            self.load_error = exc
+            self.on_load_failure(exc)
+            return
+        self.batchers = {
+            name: DynamicBatcher(
+                name,
+                model.run,
+                self.metrics,
+                max_batch=self.config.max_batch,
+                max_delay_ms=self.config.max_delay_ms,
+                max_queue=self.config.max_queue,
+                can_merge=model.can_merge,
+                describe_error=_ort_reason,
+                batch_buckets=model.batch_buckets(self.config.max_batch),
+            )
+            for name, model in models.items()
+        }
+        for batcher in self.batchers.values():
+            batcher.start()
+        self.models = models
+        self.on_loaded(models)
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] == "http":
@@ -69,12 +95,13 @@ class ServeApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                for batcher in self.batchers.values():
-                    batcher.start()
                 self.started = True
+                self._loading = asyncio.get_running_loop().create_task(self._load(), name="load-models")
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.draining = True
+                if self._loading is not None and not self._loading.done():
+                    await self._loading  # a session half-created in its thread cannot be interrupted
                 for batcher in self.batchers.values():
                     await batcher.stop()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -90,9 +117,11 @@ class ServeApp:
                 status = await _error(send, 404, f"no route {_cut(scope['path'])}")
             elif scope["method"] not in allowed:
                 status = await _error(send, 405, f"{_cut(scope['method'])} is not allowed here", [(b"allow", ", ".join(allowed).encode())])
-            elif model_name is not None and model_name not in self.models:
-                status = await _error(send, 404, f"unknown model {_cut(model_name)}; serving {', '.join(self.models)}")
+            elif model_name is not None and model_name not in self.names:
+                status = await _error(send, 404, f"unknown model {_cut(model_name)}; serving {', '.join(self.names)}")
                 model_name = None  # never a metric label: it came from the client
+            elif model_name is not None and model_name not in self.models:
+                status = await _error(send, 503, f"model {model_name} is still loading", [(b"retry-after", RETRY_AFTER_S)])
             else:
                 status = await self._dispatch(route, model_name, scope, receive, send)
         except RequestError as exc:

@@ -1,4 +1,4 @@
-"""Running the app under uvicorn: load every model first, bind, serve, drain on SIGTERM, exit 0."""
+"""Running the app under uvicorn: verify every model, bind, load in the background, serve, drain on SIGTERM, exit 0."""
 
 from __future__ import annotations
 
@@ -17,19 +17,28 @@ class ListenError(BmcError):
 
 
 def run_server(config: ServeConfig) -> int:
-    """Load, verify and warm up the models, then serve until SIGTERM/SIGINT; 0 after a clean drain."""
+    """Verify the models, listen, then load and warm them up while `live` already answers; serve until
+    SIGTERM/SIGINT. 0 after a clean drain; a model that fails to load stops the server with its error."""
     import uvicorn
 
     from bmc.serve_edge.app import ServeApp
+    from bmc.serve_edge.integrity import verify_model_file
     from bmc.serve_edge.metrics import ServeMetrics
     from bmc.serve_edge.models import load_model
 
-    device = config.providers
-    models = {}
     hashes = config.sha256 or (None,) * len(config.models)
-    for path, name, digest in zip(config.models, config.model_names, hashes):
-        models[name] = load_model(path, name, digest, config.intra_op_threads, device, config.max_batch)
-    app = ServeApp(models, config, ServeMetrics(config.model_names))
+    # A tampered file must stop the server before it listens at all: check every digest first
+    # (loading checks again, so a file swapped in between is caught too).
+    for path, digest in zip(config.models, hashes):
+        verify_model_file(path, digest)
+
+    def load_models() -> dict:
+        return {
+            name: load_model(path, name, digest, config.intra_op_threads, config.providers, config.max_batch)
+            for path, name, digest in zip(config.models, config.model_names, hashes)
+        }
+
+    app = ServeApp(load_models, config, ServeMetrics(config.model_names))
     listener = _listen(config.host, config.port)
     port = listener.getsockname()[1]
     uvicorn_config = uvicorn.Config(
@@ -41,14 +50,24 @@ def run_server(config: ServeConfig) -> int:
         server_header=False,
         timeout_keep_alive=5,
     )
-    for name, model in models.items():
-        log.info(
-            "serving %s (%s, sha256 %s ok, %s, batch <= %d) on http://%s:%d/v2/models/%s",
-            name, model.path, model.sha256[:12], model.device, config.max_batch if model.can_merge else 1,
-            config.host, port, name,
-        )
+    log.info("listening on http://%s:%d (live now; ready once %s loaded)", config.host, port, ", ".join(config.model_names))
     server = _draining_server(uvicorn_config, app)
+
+    def loaded(models: dict) -> None:
+        for name, model in models.items():
+            log.info(
+                "serving %s (%s, sha256 %s ok, %s, batch <= %d) on http://%s:%d/v2/models/%s",
+                name, model.path, model.sha256[:12], model.device, config.max_batch if model.can_merge else 1,
+                config.host, port, name,
+            )
+
+    def failed(_error: BmcError) -> None:
+        server.should_exit = True
+
+    app.on_loaded, app.on_load_failure = loaded, failed
     server.run(sockets=[listener])
+    if app.load_error is not None:
+        raise app.load_error
     return 0
 
 
