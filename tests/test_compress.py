@@ -55,6 +55,36 @@ def test_the_fallback_keeps_fp32_when_nothing_meets_the_bar(digits_onnx, workdir
     assert written["result"] == str(digits_onnx)
 
 
+def test_accuracy_fallback_keeps_the_sensitive_layers_in_float(workdir):
+    """A digits CNN made hostile to int8 without changing its function: conv1's first channel is scaled
+    up 1000x and conv2 reads it scaled down, so one activation range swamps the others. Every plain
+    recipe loses ~25 points; the scan must find the two convolutions and keeping them in float must
+    bring the model back within budget."""
+    import torch
+
+    from bmc.checkpoint import load_model, save_checkpoint
+
+    run = train(TrainConfig(epochs=3))
+    model, meta = load_model(run.run_dir)
+    with torch.no_grad():
+        conv1, conv2 = model.features[0], model.features[3]
+        conv1.weight[0] *= 1000
+        conv1.bias[0] *= 1000
+        conv2.weight[:, 0] /= 1000  # ReLU and max-pooling commute with a positive scale: same function
+    save_checkpoint(run.run_dir, model, None, meta)
+    path = export(ExportConfig(run_dir=run.run_dir)).path
+    # Speed is not what this test is about: a tiny CNN is no faster in int8.
+    result = quantize_int8(path, workdir / "q", QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01))
+    plain = result.candidates[:3]
+    assert all(c.accuracy_drop_points > 5 and not c.accepted for c in plain)
+    fallback = result.candidates[3:]
+    in_float = [c for c in fallback if "in float" in c.recipe]
+    assert in_float and "/features/features.0/Conv" in in_float[1].recipe and "/features/features.3/Conv" in in_float[1].recipe
+    assert result.chosen is not None and "in float" in result.chosen_recipe
+    chosen = next(c for c in result.candidates if c.recipe == result.chosen_recipe)
+    assert chosen.accuracy_drop_points <= 1.0 and "accuracy fallback" in result.note
+
+
 def test_judge_applies_the_accuracy_budget():
     config = QuantizeConfig(max_accuracy_drop_points=0.3)
     fast = dict(recipe="r", path="", size_bytes=1, accuracy=0.8, latency_ms={}, speedup={1: 1.5, 32: 2.0})

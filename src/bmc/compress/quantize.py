@@ -11,6 +11,9 @@ the accuracy budget, or keeps fp32 and says why. No torch here.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import logging
 import math
 import os
@@ -144,7 +147,6 @@ def judge(candidate: Candidate, config: QuantizeConfig) -> tuple[bool, str]:
 
 def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> QuantizeResult:
     """Quantize model_path to int8 by the best measured recipe; writes out_dir/model-int8.onnx when one is accepted."""
-    from bmc.bench import BenchConfig, bench
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
     from bmc.bench.model_file import open_model
     from bmc.environment import cpu_info
@@ -177,43 +179,14 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method)
             paths.append((recipe, path))
 
-        all_paths = [model_path, *(p for _, p in paths)]
-        report = bench(
-            all_paths,
-            BenchConfig(
-                batch_sizes=config.batch_sizes,
-                seconds=config.seconds_per_timing / TIMING_ROUNDS,
-                threads=config.threads,
-                data=data_name if config.measure_accuracy else None,
-                data_dir=config.calib_data_dir,
-            ),
-        )
-        # The machine is shared: a burst of other work during one model's slot would decide the
-        # choice. Several short rounds over all models, each model's best median, are robust to that.
-        best_ms = _latencies(report)
-        for _ in range(TIMING_ROUNDS - 1):
-            again = _latencies(
-                bench(all_paths, BenchConfig(batch_sizes=config.batch_sizes, seconds=config.seconds_per_timing / TIMING_ROUNDS, threads=config.threads))
+        candidates, baseline, base_ms = _measure(model_path, [(r.name, p) for r, p in paths], config, data_name)
+        fallback_note = ""
+        if not any(c.accepted for c in candidates) and config.measure_accuracy:
+            more, fallback_note = _accuracy_fallback(
+                model_path, prepared, {r.name: r for r, _ in paths}, candidates, input_name, calibration, work, config, data_name
             )
-            best_ms = [{b: min(ms[b], other[b]) for b in ms} for ms, other in zip(best_ms, again)]
-        baseline = report.models[0]
+            candidates.extend(more)
         base_accuracy = baseline.quality.accuracy if baseline.quality else None
-        candidates = []
-        for index, (recipe, path) in enumerate(paths, start=1):
-            measured = report.models[index]
-            accuracy = measured.quality.accuracy if measured.quality else None
-            candidate = Candidate(
-                recipe=recipe.name,
-                path=str(path),
-                size_bytes=path.stat().st_size,
-                accuracy=accuracy,
-                accuracy_drop_points=round(100 * (base_accuracy - accuracy), 4) if None not in (accuracy, base_accuracy) else None,
-                speedup={b: round(best_ms[0][b] / best_ms[index][b], 3) for b in best_ms[index] if b in best_ms[0]},
-                latency_ms={b: round(ms, 4) for b, ms in best_ms[index].items()},
-            )
-            candidate.accepted, candidate.reason = judge(candidate, config)
-            candidates.append(candidate)
-
         accepted = [c for c in candidates if c.accepted]
         chosen = max(accepted, key=lambda c: math.prod(c.speedup.values()) ** (1 / len(c.speedup)), default=None)
         chosen_path = None
@@ -224,6 +197,8 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             note = f"int8 by {chosen.recipe}: " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in chosen.speedup.items())
         else:
             note = "kept fp32: no int8 recipe was faster at every batch size within the accuracy budget"
+        if fallback_note:
+            note += f" ({fallback_note})"
         for candidate in candidates:
             candidate.path = str(chosen_path) if candidate is chosen else ""
         return QuantizeResult(
@@ -231,7 +206,7 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             chosen=str(chosen_path) if chosen_path else None,
             chosen_recipe=chosen.recipe if chosen else None,
             baseline_accuracy=base_accuracy,
-            baseline_latency_ms={b: round(ms, 4) for b, ms in best_ms[0].items()},
+            baseline_latency_ms={b: round(ms, 4) for b, ms in base_ms.items()},
             baseline_size_bytes=baseline.facts.size_bytes,
             candidates=candidates,
             cpu_flags=flags,
@@ -240,6 +215,139 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):
+    """Bench fp32 and every labelled int8 file in one run; (judged candidates, fp32's result, fp32's best latencies)."""
+    from bmc.bench import BenchConfig, bench
+
+    all_paths = [model_path, *(path for _, path in labelled)]
+    report = bench(
+        all_paths,
+        BenchConfig(
+            batch_sizes=config.batch_sizes,
+            seconds=config.seconds_per_timing / TIMING_ROUNDS,
+            threads=config.threads,
+            data=data_name if config.measure_accuracy else None,
+            data_dir=config.calib_data_dir,
+        ),
+    )
+    # The machine is shared: a burst of other work during one model's slot would decide the
+    # choice. Several short rounds over all models, each model's best median, are robust to that.
+    best_ms = _latencies(report)
+    for _ in range(TIMING_ROUNDS - 1):
+        again = _latencies(
+            bench(all_paths, BenchConfig(batch_sizes=config.batch_sizes, seconds=config.seconds_per_timing / TIMING_ROUNDS, threads=config.threads))
+        )
+        best_ms = [{b: min(ms[b], other[b]) for b in ms} for ms, other in zip(best_ms, again)]
+    baseline = report.models[0]
+    base_accuracy = baseline.quality.accuracy if baseline.quality else None
+    candidates = []
+    for index, (label, path) in enumerate(labelled, start=1):
+        measured = report.models[index]
+        accuracy = measured.quality.accuracy if measured.quality else None
+        candidate = Candidate(
+            recipe=label,
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            accuracy=accuracy,
+            accuracy_drop_points=round(100 * (base_accuracy - accuracy), 4) if None not in (accuracy, base_accuracy) else None,
+            speedup={b: round(best_ms[0][b] / best_ms[index][b], 3) for b in best_ms[index] if b in best_ms[0]},
+            latency_ms={b: round(ms, 4) for b, ms in best_ms[index].items()},
+        )
+        candidate.accepted, candidate.reason = judge(candidate, config)
+        candidates.append(candidate)
+    return candidates, baseline, best_ms[0]
+
+
+# Sensitive layers kept in float, tried in this order until one meets the budget.
+FALLBACK_FLOAT_LAYERS = (1, 2, 4, 8)
+
+
+def _accuracy_fallback(model_path, prepared, recipes, candidates, input_name, calibration, work, config, data_name):
+    """When every recipe fast enough loses too much accuracy: the fastest one again with another
+    calibration method, and with its most sensitive layers left in float. Returns (new candidates, note)."""
+    fast_enough = [c for c in candidates if c.accuracy_drop_points is not None and all(v >= config.min_speedup for v in c.speedup.values())]
+    if not fast_enough:
+        return [], ""
+    best = max(fast_enough, key=lambda c: math.prod(c.speedup.values()))
+    recipe = recipes[best.recipe]
+    labelled = []
+    other_method = "percentile" if config.calib_method != "percentile" else "entropy"
+    path = work / f"int8-{recipe.name}-{other_method}.onnx"
+    try:
+        quantize_with_recipe(prepared, path, recipe, input_name, calibration, other_method)
+        labelled.append((f"{recipe.name}, {other_method} calibration", path))
+    except BmcError as exc:
+        log.info("%s", exc)
+    ranked = sensitive_nodes(prepared, recipe, input_name, calibration, work, config.calib_method)
+    for count in FALLBACK_FLOAT_LAYERS:
+        if count > len(ranked):
+            break
+        excluded = tuple(name for name, _ in ranked[:count])
+        path = work / f"int8-{recipe.name}-float{count}.onnx"
+        quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method, excluded)
+        labelled.append((f"{recipe.name}, {count} sensitive layer{'s' if count > 1 else ''} in float: {', '.join(excluded)}", path))
+    if not labelled:
+        return [], ""
+    more, _, _ = _measure(model_path, labelled, config, data_name)
+    scanned = ", ".join(f"{name} {drop:.1f} dB" for name, drop in ranked[:4])
+    return more, f"accuracy fallback on {recipe.name}: {other_method} calibration and up to {len(labelled) - 1} sensitivity-ranked layer sets in float; most sensitive: {scanned}"
+
+
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def sensitive_nodes(prepared: Path, recipe: QuantRecipe, input_name: str, calibration, work: Path, method: str) -> list[tuple[str, float]]:
+    """Quantizable nodes ranked by the signal-to-noise ratio they lose locally once quantized, worst first.
+
+    One QDQ model of the recipe's types and the float model run on a few calibration batches;
+    onnxruntime's qdq_loss_debug matches every tensor's activations between the two. A node's
+    damage is the SQNR (dB, against the float model) of its input minus that of its output: the
+    noise this node adds, not what it inherited from the layers before it.
+    """
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    per_sample = int(np.prod(calibration[0].shape[1:]))
+    samples = int(min(64, max(4, 2_000_000 // max(1, per_sample))))
+    batches = [np.concatenate(calibration)[:samples]]
+    qdq = work / "scan-qdq.onnx"
+    quantize_with_recipe(prepared, qdq, dataclasses.replace(recipe, quant_format="QDQ"), input_name, batches, method)
+    activations = {}
+    for name, path in (("float", prepared), ("qdq", qdq)):
+        augmented = work / f"scan-{name}-augmented.onnx"
+        modify_model_output_intermediate_tensors(str(path), str(augmented))
+        activations[name] = collect_activations(str(augmented), _reader(input_name, batches), execution_providers=["CPUExecutionProvider"])
+    errors = compute_activation_error(create_activation_matching(activations["qdq"], activations["float"]))
+    del activations
+
+    def sqnr(tensor: str) -> float | None:
+        value = errors.get(tensor, {}).get("xmodel_err")
+        return None if value is None else float(min(value, 100.0)) if math.isfinite(value) else 100.0
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    ranked = []
+    for node in graph.node:
+        if node.op_type not in QUANTIZABLE_OPS or not node.name:
+            continue
+        before = sqnr(node.input[0])
+        tensor, after = node.output[0], sqnr(node.output[0])
+        while after is None and len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in ("Relu", "Clip", "Add"):
+            tensor = consumers[tensor][0].output[0]  # fused activations: the quantized tensor is further on
+            after = sqnr(tensor)
+        if after is not None:
+            ranked.append((node.name, round((100.0 if before is None else before) - after, 3)))
+    return sorted(ranked, key=lambda item: item[1], reverse=True)
 
 
 def _latencies(report) -> list[dict[int, float]]:
@@ -274,9 +382,8 @@ def calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32)
     return [preprocess(dataset.train_x[chosen[i : i + batch]], plan) for i in range(0, count, batch)]
 
 
-def quantize_with_recipe(source: Path, target: Path, recipe: QuantRecipe, input_name: str, batches, method: str) -> None:
-    """onnxruntime's quantize_static with one recipe, calibrated on `batches`."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _reader(input_name: str, batches):
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -286,23 +393,35 @@ def quantize_with_recipe(source: Path, target: Path, recipe: QuantRecipe, input_
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
+    return Reader()
+
+
+def quantize_with_recipe(
+    source: Path, target: Path, recipe: QuantRecipe, input_name: str, batches, method: str, nodes_to_exclude: tuple[str, ...] = ()
+) -> None:
+    """onnxruntime's quantize_static with one recipe, calibrated on `batches`; excluded nodes stay in float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     try:
-        quantize_static(
-            str(source),
-            str(target),
-            Reader(),
-            quant_format=QuantFormat.QDQ if recipe.quant_format == "QDQ" else QuantFormat.QOperator,
-            per_channel=recipe.per_channel,
-            reduce_range=recipe.reduce_range,
-            activation_type=types[recipe.activation_type],
-            weight_type=types[recipe.weight_type],
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }[method],
-        )
+        # Its histogram calibrators print their settings to stdout; bmc's output stays bmc's.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(source),
+                str(target),
+                _reader(input_name, batches),
+                nodes_to_exclude=list(nodes_to_exclude),
+                quant_format=QuantFormat.QDQ if recipe.quant_format == "QDQ" else QuantFormat.QOperator,
+                per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
+                activation_type=types[recipe.activation_type],
+                weight_type=types[recipe.weight_type],
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[method],
+            )
     except Exception as exc:  # onnxruntime's quantizer raises many types
         raise BmcError(f"{source.name}: int8 quantization ({recipe.name}) failed: {_first_line(exc)}") from None
 
