@@ -85,6 +85,21 @@ def test_accuracy_fallback_keeps_the_sensitive_layers_in_float(workdir):
     assert chosen.accuracy_drop_points <= 1.0 and "accuracy fallback" in result.note
 
 
+def test_teacher_distills_into_another_architecture(digits_onnx, workdir):
+    report = compress(CompressConfig(student="seed-mlp", quantize="none", finetune_epochs=10))
+    stage = next(s for s in report.stages if s["stage"] == "distill")
+    assert stage["teacher_model"] == "seed-cifar-cnn" and stage["student_model"] == "seed-mlp" and stage["epochs"] == 10
+    assert stage["student_parameters"] < stage["teacher_parameters"]
+    assert stage["test_metrics"]["test_accuracy"] >= 0.9
+    student_run = Path(report.result).parent
+    meta = json.loads((student_run / "bmc.json").read_text())
+    assert meta["model"]["distilled"] and meta["config"]["model"] == "seed-mlp" and report.result.endswith("model.onnx")
+    result = run_bmc("compress", "runs/latest", "--teacher", str(workdir), "--student", "seed-mlp", cwd=workdir)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: two teachers"), result.stderr
+    result = run_bmc("compress", "--student", "no-such-net", cwd=workdir)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "unknown model" in result.stderr
+
+
 def test_judge_applies_the_accuracy_budget():
     config = QuantizeConfig(max_accuracy_drop_points=0.3)
     fast = dict(recipe="r", path="", size_bytes=1, accuracy=0.8, latency_ms={}, speedup={1: 1.5, 32: 2.0})

@@ -16,6 +16,10 @@ def compress_command(
     prune_strategy: str = typer.Option("uniform", "--prune-strategy", help="uniform (gentlest on accuracy) or fastest (lowest measured latency)."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning (default per data set)."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The run to distill from (same as the RUN_DIR argument)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Train this architecture from scratch, distilled from the run (names: bmc info)."),
+    kd_temperature: float = typer.Option(4.0, "--kd-temperature", help="Distillation temperature (Hinton's T)."),
+    kd_alpha: float = typer.Option(0.5, "--kd-alpha", help="Weight of the teacher's soft targets against the labels."),
     quantize: str = typer.Option("auto", "--quantize", help="int8, fp16 or none, each kept only if measured faster; auto: int8 for cpu, fp16 for cuda."),
     target: str = typer.Option("cpu", "--target", help="cpu or cuda: where the model will run, and is timed."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's)."),
@@ -30,10 +34,18 @@ def compress_command(
     """Make a model smaller and faster: int8 chosen by measurement on this CPU (or fp16); writes compress_report.json."""
     from bmc.compress import CompressConfig, compress
     from bmc.compress.quantize import QuantizeConfig
+    from bmc.errors import UsageError
 
+    if teacher is not None:
+        if source is not None and Path(source).resolve() != Path(teacher).resolve():
+            raise UsageError(f"two teachers: RUN_DIR {source} and --teacher {teacher}; give one")
+        source = teacher
     report = compress(
         CompressConfig(
             source=source,
+            student=student,
+            kd_temperature=kd_temperature,
+            kd_alpha=kd_alpha,
             prune=prune,
             prune_method=prune_method,
             prune_strategy=prune_strategy,
@@ -58,6 +70,11 @@ def compress_command(
         typer.echo(json.dumps(asdict(report), indent=2))
         return
     for stage in report.stages:
+        if stage["stage"] == "distill":
+            typer.echo(
+                f"distilled {stage['teacher_model']} ({stage['teacher_parameters']:,} parameters, {stage['teacher_test_metrics']}) into "
+                f"{stage['student_model']} ({stage['student_parameters']:,} parameters) over {stage['epochs']} epochs: {stage['test_metrics']}"
+            )
         if stage["stage"] == "prune" and stage["method"] == "l1-structured":
             typer.echo(
                 f"pruned ({stage['strategy']}; strategies timed: {_latencies(stage['candidate_latency_ms'])}): "

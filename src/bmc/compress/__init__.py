@@ -40,6 +40,9 @@ class CompressConfig:
     target: str = "cpu"
     out: Path | None = None
     quantization: QuantizeConfig | None = None  # None: QuantizeConfig's defaults
+    student: str | None = None  # an architecture trained from scratch, distilled from the source run
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5  # weight of the teacher's soft targets against the labels
 
     def __post_init__(self) -> None:
         if not 0 <= self.prune <= 0.95:
@@ -54,6 +57,8 @@ class CompressConfig:
             raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
         if self.target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        if self.student is not None and self.prune > 0:
+            raise UsageError("--student trains a new, smaller architecture; prune either the teacher or the student's run, not both at once")
 
 
 @dataclass
@@ -70,8 +75,8 @@ def compress(config: CompressConfig) -> CompressReport:
     """Run the requested stages; writes their artifacts and compress_report.json into the output directory."""
     from bmc.compress.pipeline import run_pipeline
 
-    if config.prune > 0 and config.source is not None and Path(config.source).is_file():
-        raise BmcError("pruning needs a bmc run directory (the PyTorch model); an ONNX file can only be quantized")
+    if (config.prune > 0 or config.student) and config.source is not None and Path(config.source).is_file():
+        raise BmcError("pruning and distillation need a bmc run directory (the PyTorch model); an ONNX file can only be quantized")
     if config.target == "cuda" and config.quantize == "int8":
         raise UsageError("int8 QDQ models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
     if config.quantize == "auto":

@@ -29,6 +29,9 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
     if run_dir is not None and config.prune > 0:
         run_dir = _prune_and_finetune(run_dir, out_dir, config, report)
         onnx_path = run_dir / "model.onnx"
+    if run_dir is not None and config.student:
+        run_dir = _distill_into_student(run_dir, out_dir, config, report)
+        onnx_path = run_dir / "model.onnx"
 
     if run_dir is not None and (config.quantize == "fp16" or not onnx_path.is_file()):
         from bmc.export import ExportConfig, export  # torch is needed from here on only
@@ -76,6 +79,59 @@ def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressC
     return str(fp32_path)
 
 
+def _distill_into_student(run_dir: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> Path:
+    """Train config.student from scratch on the teacher run's data, with Hinton's loss against the teacher."""
+    import dataclasses
+    import shutil
+
+    from bmc.checkpoint import load_model
+    from bmc.export import ExportConfig, export
+    from bmc.models import model_entry
+    from bmc.train import TrainConfig, train
+
+    model_entry(config.student)  # an unknown architecture fails here, naming the valid ones
+    teacher, meta = load_model(run_dir)
+    trained = TrainConfig.from_dict(meta["config"])
+    student_dir = out_dir / "student-run"
+    shutil.rmtree(student_dir, ignore_errors=True)
+    # The student's own recipe (optimizer, rate, epochs for this data set) unless --finetune-epochs says otherwise.
+    student_config = dataclasses.replace(
+        trained,
+        model=config.student,
+        model_args={},
+        epochs=config.finetune_epochs or None,
+        lr=None,
+        optimizer=None,
+        label_smoothing=None,
+        weight_decay=None,
+        channels_last=None,
+        out=student_dir,
+        kd_temperature=config.kd_temperature,
+        kd_alpha=config.kd_alpha,
+    )
+    run = train(student_config, teacher=teacher, point_latest=False)
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params = run.meta["model"].get("parameters")
+    report.stages.append(
+        {
+            "stage": "distill",
+            "teacher": str(run_dir),
+            "teacher_model": meta["config"]["model"],
+            "student_model": config.student,
+            "epochs": run.meta["config"]["epochs"],
+            "teacher_parameters": teacher_params,
+            "student_parameters": student_params,
+            "kd_temperature": run.meta["config"].get("kd_temperature"),
+            "kd_alpha": run.meta["config"].get("kd_alpha"),
+            "test_metrics": {k: v for k, v in run.final_metrics.items() if k.startswith("test_")},
+            "teacher_test_metrics": {k: v for k, v in meta["history"][-1].items() if k.startswith("test_")},
+        }
+    )
+    exported = export(ExportConfig(run_dir=run.run_dir))
+    report.stages.append({"stage": "export", **exported.summary()})
+    return run.run_dir
+
+
 def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> Path:
     """Prune the run's model, fine-tune it (distilled from the original), and return the new run's directory."""
     import dataclasses
@@ -114,7 +170,9 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         # solution; AdamW's steps are already scale-free and recover best at the original peak
         # (digits MLP, 20 epochs: 91.9% at a tenth, 93.3% at half, 94.4% at the full rate).
         factor = 0.1 if trained.optimizer == "sgd" else 1.0
-        finetune = dataclasses.replace(trained, epochs=epochs, lr=trained.lr * factor, out=finetune_dir)
+        finetune = dataclasses.replace(
+            trained, epochs=epochs, lr=trained.lr * factor, out=finetune_dir, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha
+        )
         run = train(finetune, initial_model=pruned, teacher=original if config.distill else None, point_latest=False)
         stage.update(finetune_epochs=epochs, distilled=config.distill, test_metrics={k: v for k, v in run.final_metrics.items() if k.startswith("test_")})
     else:
