@@ -186,6 +186,24 @@ def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers_accuracy(wor
     assert model(dense).shape == (1, 10)
 
 
+def test_gradual_pruning_reaches_the_target_in_steps(workdir):
+    from bmc.checkpoint import load_model
+
+    original = train(TrainConfig())
+    report = compress(CompressConfig(prune=0.5, prune_iterations=3, finetune_epochs=8, quantize="none"))
+    prune = next(s for s in report.stages if s["stage"] == "prune")
+    steps = prune["iterations"]
+    assert [s["step"] for s in steps] == [1, 2, 3] and [s["finetune_epochs"] for s in steps] == [3, 3, 2]
+    removed = [s["macs_removed"] for s in steps]
+    # A 6- and 16-channel CNN moves in coarse steps: the first step already overshoots its third.
+    assert removed == sorted(removed) and 0.12 <= removed[0] < removed[-1] and 0.5 <= removed[-1] < 0.62
+    assert prune["macs_removed"] == removed[-1] and prune["finetune_epochs"] == 8
+    assert sorted(p.name for p in (workdir / "runs" / "latest" / "compressed").iterdir() if p.name.startswith("pruned")) == ["pruned-run"]
+    model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")
+    assert meta["model"]["pruned"]
+    assert original.final_metrics["test_accuracy"] - prune["test_metrics"]["test_accuracy"] <= 0.03
+
+
 def test_magnitude_pruning_zeroes_weights_and_says_it_does_not_speed_up(workdir):
     train(TrainConfig(epochs=5))
     report = compress(CompressConfig(prune=0.5, prune_method="magnitude", quantize="none", finetune_epochs=0))

@@ -14,7 +14,8 @@ def compress_command(
     prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (0.5 = half the MACs)."),
     prune_method: str = typer.Option("l1-structured", "--prune-method", help="l1-structured (channels removed) or magnitude (weights zeroed)."),
     prune_strategy: str = typer.Option("uniform", "--prune-strategy", help="uniform (gentlest on accuracy) or fastest (lowest measured latency)."),
-    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning (default per data set)."),
+    prune_iterations: int = typer.Option(1, "--prune-iterations", help="Prune gradually: this many prune-then-fine-tune steps."),
+    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning, over all steps (default per data set)."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="The run to distill from (same as the RUN_DIR argument)."),
     student: Optional[str] = typer.Option(None, "--student", help="Train this architecture from scratch, distilled from the run (names: bmc info)."),
@@ -49,6 +50,7 @@ def compress_command(
             prune=prune,
             prune_method=prune_method,
             prune_strategy=prune_strategy,
+            prune_iterations=prune_iterations,
             finetune_epochs=finetune_epochs,
             distill=distill,
             quantize=quantize,
@@ -82,6 +84,9 @@ def compress_command(
                 f"after {stage.get('finetune_epochs', 0)} fine-tuning epochs: {stage.get('test_metrics', {})} "
                 f"(original {stage['original_test_metrics']})"
             )
+            for step in stage.get("iterations", []):
+                typer.echo(f"  step {step['step']}: {step['macs_removed']:.0%} of MACs removed, {step['finetune_epochs']} epochs, "
+                           f"test accuracy {step.get('test_accuracy', float('nan')):.4f}")
         if stage["stage"] == "quantize" and stage["method"] == "int8":
             for candidate in stage["candidates"]:
                 speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate["speedup"].items())

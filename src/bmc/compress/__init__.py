@@ -34,6 +34,7 @@ class CompressConfig:
     prune: float = 0.0
     prune_method: str = "l1-structured"
     prune_strategy: str = "uniform"  # or "fastest": the candidate with the lowest measured latency
+    prune_iterations: int = 1  # gradual pruning: this many prune-then-fine-tune steps
     finetune_epochs: int | None = None
     distill: bool = True
     quantize: str = "auto"
@@ -51,6 +52,8 @@ class CompressConfig:
             raise UsageError(f"prune_method must be one of {', '.join(PRUNE_METHODS)}; got {self.prune_method!r}")
         if self.prune_strategy not in ("uniform", "fastest"):
             raise UsageError(f"prune_strategy must be one of uniform, fastest; got {self.prune_strategy!r}")
+        if isinstance(self.prune_iterations, bool) or not isinstance(self.prune_iterations, int) or not 1 <= self.prune_iterations <= 20:
+            raise UsageError(f"prune_iterations must be in [1, 20]; got {self.prune_iterations!r}")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs <= 1000:
             raise UsageError(f"finetune_epochs must be in [0, 1000]; got {self.finetune_epochs}")
         if self.quantize not in QUANTIZATIONS:
