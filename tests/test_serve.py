@@ -497,3 +497,34 @@ def test_a_model_onnxruntime_cannot_load_stops_the_server_with_one_line(workdir)
     result = run_bmc("serve", str(broken), "--port", str(_free_port()), cwd=workdir, timeout=60)
     errors = [line for line in result.stderr.splitlines() if not line.startswith("info:") and line.strip()]
     assert result.returncode == 1 and len(errors) == 1 and str(broken) in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_signed_models_are_served_and_unsigned_or_tampered_ones_refused(models, workdir):
+    model = workdir / "signed.onnx"
+    shutil.copy(models["digits"], model)
+    write_sidecar_sha256(model)
+    assert run_bmc("sign", "--new-key", str(workdir / "key"), cwd=workdir).returncode == 0
+    assert (workdir / "key").stat().st_mode & 0o777 == 0o600
+    other = run_bmc("sign", "--new-key", str(workdir / "other"), cwd=workdir)
+    assert other.returncode == 0
+
+    def serve_fails(public_key: str) -> str:
+        result = run_bmc("serve", str(model), "--public-key", public_key, "--port", str(_free_port()), cwd=workdir, timeout=60)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        return lines[0]
+
+    assert "no signature signed.onnx.sig" in serve_fails(str(workdir / "key.pub"))
+    assert run_bmc("sign", str(model), "--key", str(workdir / "key"), cwd=workdir).returncode == 0
+    server = Server(str(model), "--public-key", str(workdir / "key.pub"), "--threads", "1")
+    try:
+        assert server.infer("signed", np.zeros((1, 1, 8, 8), np.float32))[0] == 200
+    finally:
+        server.stop()
+    assert "signed by another key" in serve_fails(str(workdir / "other.pub"))
+    # Replaced together with its sidecar: the sha256 check passes, the signature does not.
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    write_sidecar_sha256(model)
+    assert "does not match this file" in serve_fails(str(workdir / "key.pub"))

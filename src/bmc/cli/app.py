@@ -60,13 +60,14 @@ def _root(
 
 
 def _register_commands() -> None:
-    from bmc.cli import bench, compress, export, info, serve, train
+    from bmc.cli import bench, compress, export, info, serve, sign, train
 
     train.register(app)
     compress.register(app)
     export.register(app)
     bench.register(app)
     serve.register(app)
+    sign.register(app)
     info.register(app)
 
 

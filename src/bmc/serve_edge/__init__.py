@@ -50,6 +50,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     reject_nonfinite: bool = False
     sha256: tuple[str, ...] = ()  # one per model, in order; default: each file's sidecar MODEL.onnx.sha256
+    public_key: Path | None = None  # Ed25519: each model must carry MODEL.onnx.sig made with its private key
     threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
     providers: str = "cpu"
     exit_timeout_s: float = 30.0  # Triton's default grace period

@@ -31,6 +31,10 @@ def run_server(config: ServeConfig) -> int:
     # (loading checks again, so a file swapped in between is caught too).
     for path, digest in zip(config.models, hashes):
         verify_model_file(path, digest)
+        if config.public_key is not None:
+            from bmc.signing import verify_model_signature
+
+            verify_model_signature(path, config.public_key)
 
     def load_models() -> dict:
         return {
