@@ -122,7 +122,7 @@ def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
         CompressConfig(prune=1.2)
     with pytest.raises(UsageError, match="quantize must be one of auto, none, int8, fp16; got 'int3'"):
         CompressConfig(quantize="int3")
-    with pytest.raises(BmcError, match="pruning needs a bmc run directory"):
+    with pytest.raises(BmcError, match="pruning and distillation need a bmc run directory"):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
@@ -184,6 +184,11 @@ def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers_accuracy(wor
     assert drop <= 0.015, (original.final_metrics, prune)
     dense = torch.zeros(1, 1, 8, 8)
     assert model(dense).shape == (1, 10)
+    # The closing summary measures the original and the pruned model together.
+    original_row, pruned_row = report.summary
+    assert (original_row["stage"], pruned_row["stage"]) == ("original", "pruned + kd")
+    assert pruned_row["parameters"] < original_row["parameters"] and pruned_row["size_ratio"] > 1.5
+    assert abs(pruned_row["accuracy"] - prune["test_metrics"]["test_accuracy"]) < 1e-5 and set(pruned_row["speedup"]) == {1, 32}
 
 
 def test_gradual_pruning_reaches_the_target_in_steps(workdir):

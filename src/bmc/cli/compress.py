@@ -100,7 +100,30 @@ def compress_command(
             typer.echo(stage["note"])
         if stage["stage"] == "quantize" and stage["method"] == "fp16":
             typer.echo(stage["note"])
+    if report.summary:
+        _print_summary(report.summary)
     typer.echo(f"result: {report.result} (report: {Path(report.out_dir) / 'compress_report.json'})")
+
+
+def _print_summary(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"compress summary ({rows[0]['device']}; ratios to the original; gzip size and sparsity in the report)")
+    for column in ("stage", "parameters", "size MB", "accuracy", "b1 ms", "b32 ms"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in rows:
+        later = row is not rows[0]
+        accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+        if later and row["accuracy_change_points"] is not None:
+            accuracy += f" {row['accuracy_change_points']:+.2f}"
+        latency = [
+            (f"{row['latency_ms'][b]:.3f}" + (f" {row['speedup'][b]:.2f}x" if later else "")) if b in row["latency_ms"] else "-"
+            for b in (1, 32)
+        ]
+        size = f"{row['size_bytes'] / 1e6:.3f}" + (f" {row['size_ratio']:.1f}x" if later else "")
+        table.add_row(f"{row['stage']} ({row['format']})", f"{row['parameters']:,}", size, accuracy, *latency)
+    Console(width=max(Console().width, 100)).print(table)
 
 
 def _latencies(by_strategy: dict) -> str:

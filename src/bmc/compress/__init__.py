@@ -72,6 +72,9 @@ class CompressReport:
     source_onnx: str
     stages: list[dict] = field(default_factory=list)
     result: str = ""
+    # The original and every model a stage produced, measured together at the end: parameters,
+    # size (raw and gzip), sparsity, accuracy, latency at batch 1 and 32, ratios to the original.
+    summary: list[dict] = field(default_factory=list)
 
 
 def compress(config: CompressConfig) -> CompressReport:

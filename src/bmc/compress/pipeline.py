@@ -25,13 +25,22 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         onnx_path = run_dir / "model.onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
     report = CompressReport(out_dir=str(out_dir), source_onnx=str(onnx_path))
+    if run_dir is not None and not onnx_path.is_file():
+        from bmc.export import ExportConfig, export
+
+        exported = export(ExportConfig(run_dir=run_dir))
+        report.stages.append({"stage": "export", **exported.summary()})
+    original_onnx, data, data_dir = onnx_path, *_evaluation_data(run_dir, config)
+    produced = []  # (stage label, ONNX path) of every model the stages made
 
     if run_dir is not None and config.prune > 0:
         run_dir = _prune_and_finetune(run_dir, out_dir, config, report)
         onnx_path = run_dir / "model.onnx"
+        produced.append(("pruned" + (" + kd" if config.distill else ""), onnx_path))
     if run_dir is not None and config.student:
         run_dir = _distill_into_student(run_dir, out_dir, config, report)
         onnx_path = run_dir / "model.onnx"
+        produced.append((f"student {config.student}", onnx_path))
 
     if run_dir is not None and (config.quantize == "fp16" or not onnx_path.is_file()):
         from bmc.export import ExportConfig, export  # torch is needed from here on only
@@ -51,8 +60,58 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         report.result = result.chosen or str(onnx_path)
     if not report.result:
         report.result = str(onnx_path)
+    if Path(report.result) != onnx_path:
+        produced.append((config.quantize, Path(report.result)))
+    report.summary = _summary(original_onnx, produced, config, data, data_dir)
     atomic_write_json(out_dir / REPORT, asdict(report))
     return report
+
+
+def _evaluation_data(run_dir: Path | None, config: CompressConfig) -> tuple[str | None, Path | None]:
+    """The data set (and folder) the summary's accuracy is measured on: --calib-data, else the run's own."""
+    quantization = config.quantization
+    data = quantization.calib_data if quantization else None
+    data_dir = quantization.calib_data_dir if quantization else None
+    if data is None and run_dir is not None:
+        from bmc.artifact import read_meta
+
+        trained = read_meta(run_dir)["config"]["data"]
+        data = trained["name"]
+        data_dir = data_dir or (Path(trained["data_dir"]) if trained.get("data_dir") else None)
+    return data, data_dir
+
+
+def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressConfig, data: str | None, data_dir: Path | None) -> list[dict]:
+    """Bench the original and each stage's model in one run, on the target when it is here (else this CPU)."""
+    from bmc.bench import BenchConfig, bench
+    from bmc.bench.sessions import cuda_works
+
+    device = "cuda" if config.target == "cuda" and cuda_works() else "cpu"
+    paths = [original, *(path for _, path in produced)]
+    measured = bench(paths, BenchConfig(batch_sizes=(1, 32), device=device, seconds=0.5, data=data, data_dir=data_dir))
+    rows = []
+    for label, model in zip(["original", *(label for label, _ in produced)], measured.models):
+        facts = model.facts
+        rows.append({
+            "stage": label,
+            "path": facts.path,
+            "format": facts.numeric_format,
+            "device": model.device,
+            "parameters": facts.parameters,
+            "size_bytes": facts.size_bytes,
+            "gzip_bytes": facts.gzip_bytes,
+            "weight_sparsity": facts.weight_sparsity,
+            "accuracy": model.quality.accuracy if model.quality else None,
+            "latency_ms": {t.batch_size: round(t.latency_ms_median, 4) for t in model.timings},
+        })
+    first = rows[0]
+    for row in rows:
+        row["size_ratio"] = round(first["size_bytes"] / row["size_bytes"], 3)
+        row["speedup"] = {b: round(first["latency_ms"][b] / ms, 3) for b, ms in row["latency_ms"].items() if b in first["latency_ms"]}
+        row["accuracy_change_points"] = (
+            round(100 * (row["accuracy"] - first["accuracy"]), 3) if None not in (row["accuracy"], first["accuracy"]) else None
+        )
+    return rows
 
 
 def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> str:
