@@ -100,6 +100,61 @@ def test_teacher_distills_into_another_architecture(digits_onnx, workdir):
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "unknown model" in result.stderr
 
 
+def test_fake_quant_layers_keep_the_state_dict_and_simulate_int8():
+    import torch
+
+    from bmc.compress.qat import WEIGHT_QMAX, _fake_quant_weight, enable_fake_quant
+    from bmc.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("seed-cifar-cnn", (1, 8, 8), 10)
+    keys = list(model.state_dict())
+    x = torch.randn(16, 1, 8, 8)
+    float_out = model.eval()(x)
+    enable_fake_quant(model)
+    assert list(model.state_dict()) == keys  # checkpoints and export stay those of the plain model
+    model.train()(x).sum().backward()  # observes ranges; straight-through gradients reach every weight
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    quant_out = model.eval()(x)
+    assert not torch.equal(quant_out, float_out) and torch.allclose(quant_out, float_out, atol=0.1)
+    weight = model.features[0].weight
+    levels = (_fake_quant_weight(weight) / (weight.abs().amax(dim=(1, 2, 3), keepdim=True) / WEIGHT_QMAX)).detach()
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.abs().max() <= WEIGHT_QMAX + 1
+
+
+def test_quantization_aware_fine_tuning_then_measured_int8(workdir):
+    train(TrainConfig())  # the digits recipe: ~97%
+    report = compress(CompressConfig(
+        quantize="qat", finetune_epochs=2, out=workdir / "c",
+        quantization=QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01),
+    ))
+    stage = report.stages[-1]
+    assert stage["method"] == "qat" and stage["finetune_epochs"] == 2 and stage["distilled"]
+    assert stage["fake_quant_test_metrics"]["test_accuracy"] >= 0.9
+    # judged against the model before fine-tuning: its accuracy is the baseline
+    assert abs(stage["baseline_accuracy"] - report.summary[0]["accuracy"]) < 1e-9
+    assert report.result == str(workdir / "c" / "model-int8.onnx") and Path(report.result).is_file()
+    assert (workdir / "c" / "model-int8.onnx.sha256").is_file() and not (workdir / "c" / "qat").exists()
+    assert [row["stage"] for row in report.summary] == ["original", "qat"]
+    assert report.summary[1]["accuracy_change_points"] >= -1.0
+
+
+def test_quantization_aware_fine_tuning_is_next_only_when_int8_lost_on_accuracy_alone():
+    from bmc.compress.quantize import QuantizeResult, lost_on_accuracy_only
+
+    config = QuantizeConfig(max_accuracy_drop_points=1.0)
+
+    def result(drop, speedup, chosen=None):
+        candidate = Candidate(recipe="r", path="", size_bytes=1, accuracy=0.9, accuracy_drop_points=drop, speedup=speedup, latency_ms={})
+        return QuantizeResult(source="m", chosen=chosen, chosen_recipe=None, baseline_accuracy=0.9, baseline_latency_ms={},
+                              baseline_size_bytes=1, candidates=[candidate])
+
+    assert lost_on_accuracy_only(result(3.0, {1: 1.4, 32: 1.9}), config)
+    assert not lost_on_accuracy_only(result(3.0, {1: 0.8, 32: 1.9}), config)  # slow too: fine-tuning cannot fix speed
+    assert not lost_on_accuracy_only(result(0.2, {1: 0.8, 32: 1.9}), config)
+    assert not lost_on_accuracy_only(result(3.0, {1: 1.4, 32: 1.9}, chosen="model-int8.onnx"), config)
+
+
 def test_judge_applies_the_accuracy_budget():
     config = QuantizeConfig(max_accuracy_drop_points=0.3)
     fast = dict(recipe="r", path="", size_bytes=1, accuracy=0.8, latency_ms={}, speedup={1: 1.5, 32: 2.0})

@@ -21,7 +21,7 @@ def compress_command(
     student: Optional[str] = typer.Option(None, "--student", help="Train this architecture from scratch, distilled from the run (names: bmc info)."),
     kd_temperature: float = typer.Option(4.0, "--kd-temperature", help="Distillation temperature (Hinton's T)."),
     kd_alpha: float = typer.Option(0.5, "--kd-alpha", help="Weight of the teacher's soft targets against the labels."),
-    quantize: str = typer.Option("auto", "--quantize", help="int8, fp16 or none, each kept only if measured faster; auto: int8 for cpu, fp16 for cuda."),
+    quantize: str = typer.Option("auto", "--quantize", help="int8, fp16, qat (int8 after quantization-aware fine-tuning) or none, each kept only if measured faster; auto: int8 for cpu, fp16 for cuda."),
     target: str = typer.Option("cpu", "--target", help="cpu or cuda: where the model will run, and is timed."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's)."),
     calib_data_dir: Optional[Path] = typer.Option(None, "--calib-data-dir", help="Where that data set lives."),
@@ -87,7 +87,9 @@ def compress_command(
             for step in stage.get("iterations", []):
                 typer.echo(f"  step {step['step']}: {step['macs_removed']:.0%} of MACs removed, {step['finetune_epochs']} epochs, "
                            f"test accuracy {step.get('test_accuracy', float('nan')):.4f}")
-        if stage["stage"] == "quantize" and stage["method"] == "int8":
+        if stage["stage"] == "quantize" and stage["method"] == "qat":
+            typer.echo(f"quantization-aware fine-tuning, {stage['finetune_epochs']} epochs: simulated int8 {stage['fake_quant_test_metrics']}")
+        if stage["stage"] == "quantize" and stage["method"] in ("int8", "qat"):
             for candidate in stage["candidates"]:
                 speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate["speedup"].items())
                 drop = candidate["accuracy_drop_points"]

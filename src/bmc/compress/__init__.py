@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer lazily; the config
     from bmc.compress.quantize import QuantizeConfig
 
 # "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
-QUANTIZATIONS = ("auto", "none", "int8", "fp16")
+QUANTIZATIONS = ("auto", "none", "int8", "fp16", "qat")
 PRUNE_METHODS = ("l1-structured", "magnitude")
 # Fine-tuning epochs after pruning when --finetune-epochs is not given.
 FINETUNE_EPOCHS = {"digits": 20, "iris": 30, "cifar10": 5, "imagefolder": 5, "mnist": 2, "fashion-mnist": 3}
@@ -83,7 +83,9 @@ def compress(config: CompressConfig) -> CompressReport:
 
     if (config.prune > 0 or config.student) and config.source is not None and Path(config.source).is_file():
         raise BmcError("pruning and distillation need a bmc run directory (the PyTorch model); an ONNX file can only be quantized")
-    if config.target == "cuda" and config.quantize == "int8":
+    if config.quantize == "qat" and config.source is not None and Path(config.source).is_file():
+        raise BmcError("quantization-aware fine-tuning needs a bmc run directory (the PyTorch model), not an ONNX file")
+    if config.target == "cuda" and config.quantize in ("int8", "qat"):
         raise UsageError("int8 QDQ models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
     if config.quantize == "auto":
         config = dataclasses.replace(config, quantize="fp16" if config.target == "cuda" else "int8")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bmc.artifact import atomic_write_json, resolve_run_dir
 from bmc.compress import REPORT, CompressConfig, CompressReport
-from bmc.compress.quantize import QuantizeConfig, quantize_int8
+from bmc.compress.quantize import QuantizeConfig, lost_on_accuracy_only, quantize_int8
 from bmc.errors import UsageError
 
 
@@ -53,11 +53,17 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
     elif config.quantize == "fp16":
         raise UsageError("--quantize fp16 needs a run directory (it re-exports the PyTorch model in half precision)")
 
+    quantization = config.quantization or QuantizeConfig()
     if config.quantize == "int8":
-        quantization = config.quantization or QuantizeConfig()
         result = quantize_int8(onnx_path, out_dir, quantization)
         report.stages.append({"stage": "quantize", "method": "int8", **result.to_dict()})
         report.result = result.chosen or str(onnx_path)
+        if run_dir is not None and lost_on_accuracy_only(result, quantization):
+            # Post-training int8 was fast but lost too much, even with layers left in float: the
+            # next recipe of the fallback order is quantization-aware fine-tuning.
+            report.result = _qat_stage(run_dir, onnx_path, out_dir, config, quantization, report) or report.result
+    elif config.quantize == "qat":
+        report.result = _qat_stage(run_dir, onnx_path, out_dir, config, quantization, report) or str(onnx_path)
     if not report.result:
         report.result = str(onnx_path)
     if Path(report.result) != onnx_path:
@@ -112,6 +118,53 @@ def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressC
             round(100 * (row["accuracy"] - first["accuracy"]), 3) if None not in (row["accuracy"], first["accuracy"]) else None
         )
     return rows
+
+
+def _qat_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressConfig, quantization: QuantizeConfig, report: CompressReport) -> str | None:
+    """Fine-tune under simulated int8, then choose the int8 recipe by measurement against the
+    model before fine-tuning; returns the int8 file, or None when fp32 is kept."""
+    import dataclasses
+    import shutil
+
+    from bmc.checkpoint import load_model
+    from bmc.compress import FINETUNE_EPOCHS
+    from bmc.compress.qat import enable_fake_quant
+    from bmc.export import ExportConfig, export
+    from bmc.train import TrainConfig, train
+
+    model, meta = load_model(run_dir)
+    trained = TrainConfig.from_dict(meta["config"])
+    epochs = config.finetune_epochs or max(1, FINETUNE_EPOCHS.get(trained.data.name, 5) // 2)
+    qat_dir = out_dir / "qat-run"
+    shutil.rmtree(qat_dir, ignore_errors=True)
+    # Near a good solution already: a small rate, the teacher being the model as it was.
+    factor = 0.01 if trained.optimizer == "sgd" else 0.1
+    teacher = model if config.distill else None
+    run = train(
+        dataclasses.replace(trained, epochs=epochs, lr=trained.lr * factor, out=qat_dir, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha),
+        initial_model=enable_fake_quant(load_model(run_dir)[0]),
+        teacher=teacher,
+        point_latest=False,
+    )
+    exported = export(ExportConfig(run_dir=run.run_dir))
+    qat_out = out_dir / "qat"
+    result = quantize_int8(exported.path, qat_out, quantization, baseline_path=fp32_path)
+    report.stages.append({
+        "stage": "quantize",
+        "method": "qat",
+        "finetune_epochs": epochs,
+        "distilled": teacher is not None,
+        "fake_quant_test_metrics": {k: v for k, v in run.final_metrics.items() if k.startswith("test_")},
+        **result.to_dict(),
+    })
+    if result.chosen is None:
+        return None
+    final = out_dir / "model-int8.onnx"
+    shutil.move(result.chosen, final)
+    shutil.move(f"{result.chosen}.sha256", f"{final}.sha256")
+    shutil.rmtree(qat_out, ignore_errors=True)
+    report.stages[-1]["chosen"] = str(final)
+    return str(final)
 
 
 def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> str:

@@ -145,8 +145,12 @@ def judge(candidate: Candidate, config: QuantizeConfig) -> tuple[bool, str]:
     return True, "faster everywhere and within the accuracy budget"
 
 
-def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> QuantizeResult:
-    """Quantize model_path to int8 by the best measured recipe; writes out_dir/model-int8.onnx when one is accepted."""
+def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, baseline_path: Path | None = None) -> QuantizeResult:
+    """Quantize model_path to int8 by the best measured recipe; writes out_dir/model-int8.onnx when one is accepted.
+
+    Speed and accuracy are judged against baseline_path (default: model_path itself); quantization-aware
+    fine-tuning passes the original model here, so its budget is the original's accuracy.
+    """
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
     from bmc.bench.model_file import open_model
     from bmc.environment import cpu_info
@@ -179,11 +183,12 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig) -> Qu
             quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method)
             paths.append((recipe, path))
 
-        candidates, baseline, base_ms = _measure(model_path, [(r.name, p) for r, p in paths], config, data_name)
+        reference = Path(baseline_path) if baseline_path is not None else model_path
+        candidates, baseline, base_ms = _measure(reference, [(r.name, p) for r, p in paths], config, data_name)
         fallback_note = ""
         if not any(c.accepted for c in candidates) and config.measure_accuracy:
             more, fallback_note = _accuracy_fallback(
-                model_path, prepared, {r.name: r for r, _ in paths}, candidates, input_name, calibration, work, config, data_name
+                reference, prepared, {r.name: r for r, _ in paths}, candidates, input_name, calibration, work, config, data_name
             )
             candidates.extend(more)
         base_accuracy = baseline.quality.accuracy if baseline.quality else None
@@ -258,6 +263,16 @@ def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: Quantiz
         candidate.accepted, candidate.reason = judge(candidate, config)
         candidates.append(candidate)
     return candidates, baseline, best_ms[0]
+
+
+def lost_on_accuracy_only(result: QuantizeResult, config: QuantizeConfig) -> bool:
+    """No candidate accepted, but one was fast enough and failed only the accuracy budget."""
+    return result.chosen is None and any(
+        c.accuracy_drop_points is not None
+        and c.accuracy_drop_points > config.max_accuracy_drop_points
+        and all(v >= config.min_speedup for v in c.speedup.values())
+        for c in result.candidates
+    )
 
 
 # Sensitive layers kept in float, tried in this order until one meets the budget.
