@@ -178,3 +178,23 @@ def test_torchrun_two_processes_match_one_process(workdir):
     # Only rank 0 writes: one JSON summary, one run directory.
     assert result.stdout.count('"run_dir"') == 1
     assert sorted(p.name for p in (workdir).iterdir() if p.is_dir() and p.name not in ("cache", "runs")) == ["ddp", "single"]
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_no_nan_checkpoint(workdir):
+    from bmc.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"training diverged in epoch 1: the loss is not finite \(lr 100"):
+        train(TrainConfig(epochs=3, lr=100.0, out=workdir / "nan"))
+    assert not (workdir / "nan" / "model.safetensors").exists()
+    result = run_bmc("train", "--quiet", "--epochs", "2", "--lr", "100", "--out", str(workdir / "nan2"), cwd=workdir)
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: training diverged"), result.stderr
+
+
+def test_sgd_rate_follows_the_batch_size_when_not_given():
+    from bmc.train.config import RECIPES, resolve_recipe
+
+    recipe = RECIPES["imagefolder"]
+    resolved = resolve_recipe(TrainConfig(batch_size=recipe.batch_size // 8), "imagefolder", "classification", "resnet20", lambda m: True)
+    assert resolved.lr == pytest.approx(recipe.sgd_lr / 8)
+    explicit = resolve_recipe(TrainConfig(batch_size=32, lr=0.3), "imagefolder", "classification", "resnet20", lambda m: True)
+    assert explicit.lr == 0.3

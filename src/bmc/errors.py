@@ -23,3 +23,7 @@ class ModelError(BmcError):
 
 class CheckpointError(BmcError):
     """A run directory or checkpoint is missing, corrupt or does not match."""
+
+
+class TrainingError(BmcError):
+    """Training cannot go on: the loss diverged."""

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from bmc.artifact import new_run_dir, point_latest_at, read_meta
 from bmc.checkpoint import load_resume_state, load_state_into, restore_optimizer, save_checkpoint
 from bmc.data import CLASSIFICATION, IMAGE, Dataset, load_dataset
-from bmc.errors import CheckpointError, UsageError
+from bmc.errors import CheckpointError, TrainingError, UsageError
 from bmc.models import create_model, model_entry, model_input_shape
 from bmc.train.augment import Normalizer, epoch_batches
 from bmc.train.config import TrainConfig, resolve_recipe
@@ -215,6 +215,12 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
                 torch.cuda.synchronize(device)  # the steps above were only queued; count them finished
             train_seconds = time.perf_counter() - epoch_start
             totals = all_reduce_sum(torch.stack([loss_sum, correct_sum, torch.tensor(float(seen), device=device)]), placement)
+            if not torch.isfinite(totals[0]):
+                # Saving would overwrite the last good checkpoint with NaN weights that every later
+                # stage (export, calibration) would choke on far from the cause.
+                raise TrainingError(
+                    f"training diverged in epoch {epoch + 1}: the loss is not finite (lr {config.lr:g}, {precision}); lower --lr"
+                )
             metrics = {
                 "epoch": epoch + 1,
                 "lr_end": lr,
