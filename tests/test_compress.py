@@ -155,6 +155,20 @@ def test_quantization_aware_fine_tuning_is_next_only_when_int8_lost_on_accuracy_
     assert not lost_on_accuracy_only(result(3.0, {1: 1.4, 32: 1.9}, chosen="model-int8.onnx"), config)
 
 
+def test_a_model_with_nan_weights_is_refused_in_one_line(digits_onnx, workdir):
+    from onnx import numpy_helper
+
+    model = onnx.load(str(digits_onnx))
+    first = model.graph.initializer[0]
+    broken = numpy_helper.to_array(first).copy()
+    broken.flat[0] = float("nan")
+    first.CopyFrom(numpy_helper.from_array(broken, first.name))
+    path = workdir / "nan.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(BmcError, match=r"nan.onnx: the model's outputs on calibration samples are not finite"):
+        quantize_int8(path, workdir / "q", QuantizeConfig(calib_samples=32))
+
+
 def test_judge_applies_the_accuracy_budget():
     config = QuantizeConfig(max_accuracy_drop_points=0.3)
     fast = dict(recipe="r", path="", size_bytes=1, accuracy=0.8, latency_ms={}, speedup={1: 1.5, 32: 2.0})

@@ -176,6 +176,7 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
     try:
         prepared = _pre_process(model_path, work / "preprocessed.onnx")
         calibration = calibration_batches(dataset, plan, config.calib_samples, config.seed)
+        _check_finite_outputs(prepared, input_name, calibration[0], model_path)
         flags = cpu_info()["flags"]
         paths = []
         for recipe in candidate_recipes(flags):
@@ -439,6 +440,17 @@ def quantize_with_recipe(
             )
     except Exception as exc:  # onnxruntime's quantizer raises many types
         raise BmcError(f"{source.name}: int8 quantization ({recipe.name}) failed: {_first_line(exc)}") from None
+
+
+def _check_finite_outputs(model_path: Path, input_name: str, batch: np.ndarray, shown: Path) -> None:
+    """Calibration on NaN activations fails deep inside the quantizer ('scale issue'): say what is wrong instead."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {input_name: batch[:8]})
+    if not all(np.isfinite(out).all() for out in outputs if np.issubdtype(out.dtype, np.floating)):
+        raise BmcError(f"{shown}: the model's outputs on calibration samples are not finite (NaN or inf): its weights are broken, "
+                       "for instance by a diverged training; nothing to quantize")
 
 
 def _first_line(exc: BaseException) -> str:
