@@ -6,7 +6,7 @@ trained briefly on a 224 px CIFAR-10 slice, then `bmc compress --prune 0.5 --qua
 Acceptance (the compress issue): the result >= 8x smaller and >= 3x faster at batch 1 than the
 original on this CPU, with the compress command (calibration included) under 12 GiB of memory;
 accuracy on the slice reported. Each command runs as a real `bmc` subprocess; peak memory is the
-largest resident set among them (getrusage of the children).
+largest resident set of each command (wait4).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,16 +39,23 @@ def make_slice(source: Path, target: Path, per_class: dict[str, int], seed: int 
 
 
 def run(args: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(seconds, peak RSS GiB of this command, stdout) of one bmc command; exits on failure."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(seconds, peak RSS GiB of this command alone, stdout) of one bmc command; exits on failure."""
+    import os
+
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bmc", *args], cwd=cwd, capture_output=True, text=True)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen([sys.executable, "-m", "bmc", *args], cwd=cwd, stdout=out, stderr=err)
+        # wait4 gives this child's own resource usage; getrusage(RUSAGE_CHILDREN) would keep the
+        # largest of all children so far.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if result.returncode != 0:
-        raise SystemExit(f"bmc {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
-    # ru_maxrss of the children is the largest one so far: it grew only if this command set a new peak.
-    return seconds, (peak if peak > before else before) / (1 << 20), result.stdout
+    if process.returncode != 0:
+        raise SystemExit(f"bmc {' '.join(args)} failed ({process.returncode}): {stderr.strip()}")
+    return seconds, usage.ru_maxrss / (1 << 20), stdout
 
 
 def main() -> None:

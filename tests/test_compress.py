@@ -189,14 +189,14 @@ def test_recipes_follow_the_cpu():
 def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
     with pytest.raises(UsageError, match=r"prune must be in \[0, 0.95\]"):
         CompressConfig(prune=1.2)
-    with pytest.raises(UsageError, match="quantize must be one of auto, none, int8, fp16; got 'int3'"):
+    with pytest.raises(UsageError, match="quantize must be one of auto, none, int8, fp16, qat; got 'int3'"):
         CompressConfig(quantize="int3")
     with pytest.raises(BmcError, match="pruning and distillation need a bmc run directory"):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
     result = run_bmc("compress", "--quantize", "int3", cwd=workdir)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of auto, none, int8, fp16; got 'int3'"]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of auto, none, int8, fp16, qat; got 'int3'"]
 
 
 def test_fp16_on_cpu_is_kept_only_when_measured_faster(digits_onnx, workdir):
