@@ -112,7 +112,9 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     else:
         model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
     if teacher is not None:
-        teacher = copy.deepcopy(teacher).eval().to(device=device, memory_format=memory_format)
+        # Moved in place, not copied: the teacher only runs forward under no_grad, and a copy of the
+        # documents' 1.6 GB model pushed compress past 12 GiB (12.1 measured).
+        teacher = teacher.eval().to(device=device, memory_format=memory_format)
     if resume_state is not None:
         load_state_into(model, resume_state.model_state, resume_dir)
     model = model.to(device=device, memory_format=memory_format)
