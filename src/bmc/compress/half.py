@@ -7,7 +7,6 @@ timed here rather than assumed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def judge_fp16(
     data_dir: Path | None = None,
 ) -> HalfResult:
     """Time fp16 against fp32 on the target (best median of a few rounds each) and check the accuracy budget."""
-    from bmc.bench import BenchConfig, bench
+    from bmc.bench import BenchConfig, bench_rounds
     from bmc.bench.sessions import cuda_works
 
     if target == "cuda" and not cuda_works():
@@ -56,14 +55,11 @@ def judge_fp16(
         from bmc.export.metadata import ModelMetadata
 
         data = ModelMetadata.from_props(open_model(Path(fp32_path)).metadata_props).dataset or None
-    config = BenchConfig(batch_sizes=batch_sizes, device=target, seconds=seconds_per_timing / TIMING_ROUNDS, data=data, data_dir=data_dir)
-    first = bench([fp32_path, fp16_path], config)
-    best = [{t.batch_size: t.latency_ms_median for t in m.timings} for m in first.models]
-    untimed_config = BenchConfig(batch_sizes=batch_sizes, device=target, seconds=seconds_per_timing / TIMING_ROUNDS)
-    for _ in range(TIMING_ROUNDS - 1):
-        again = bench([fp32_path, fp16_path], untimed_config)
-        # A shared machine: each model's best median over short rounds, as the int8 choice does.
-        best = [{t.batch_size: min(ms.get(t.batch_size, math.inf), t.latency_ms_median) for t in m.timings} for ms, m in zip(best, again.models)]
+    first, best = bench_rounds(
+        [fp32_path, fp16_path],
+        BenchConfig(batch_sizes=batch_sizes, device=target, seconds=seconds_per_timing / TIMING_ROUNDS, data=data, data_dir=data_dir),
+        TIMING_ROUNDS,
+    )
     speedup = {b: round(best[0][b] / best[1][b], 3) for b in batch_sizes if b in best[0] and b in best[1]}
     base_quality, half_quality = first.models[0].quality, first.models[1].quality
     drop = None

@@ -123,6 +123,7 @@ def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressC
 def _qat_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressConfig, quantization: QuantizeConfig, report: CompressReport) -> str | None:
     """Fine-tune under simulated int8, then choose the int8 recipe by measurement against the
     model before fine-tuning; returns the int8 file, or None when fp32 is kept."""
+    import copy
     import dataclasses
     import shutil
 
@@ -142,7 +143,7 @@ def _qat_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressCo
     teacher = model if config.distill else None
     run = train(
         dataclasses.replace(trained, epochs=epochs, lr=trained.lr * factor, out=qat_dir, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha),
-        initial_model=enable_fake_quant(load_model(run_dir)[0]),
+        initial_model=enable_fake_quant(copy.deepcopy(model)),
         teacher=teacher,
         point_latest=False,
     )

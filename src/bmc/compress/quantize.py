@@ -225,11 +225,10 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
 
 def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):
     """Bench fp32 and every labelled int8 file in one run; (judged candidates, fp32's result, fp32's best latencies)."""
-    from bmc.bench import BenchConfig, bench
+    from bmc.bench import BenchConfig, bench_rounds
 
-    all_paths = [model_path, *(path for _, path in labelled)]
-    report = bench(
-        all_paths,
+    report, best_ms = bench_rounds(
+        [model_path, *(path for _, path in labelled)],
         BenchConfig(
             batch_sizes=config.batch_sizes,
             seconds=config.seconds_per_timing / TIMING_ROUNDS,
@@ -237,15 +236,8 @@ def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: Quantiz
             data=data_name if config.measure_accuracy else None,
             data_dir=config.calib_data_dir,
         ),
+        TIMING_ROUNDS,
     )
-    # The machine is shared: a burst of other work during one model's slot would decide the
-    # choice. Several short rounds over all models, each model's best median, are robust to that.
-    best_ms = _latencies(report)
-    for _ in range(TIMING_ROUNDS - 1):
-        again = _latencies(
-            bench(all_paths, BenchConfig(batch_sizes=config.batch_sizes, seconds=config.seconds_per_timing / TIMING_ROUNDS, threads=config.threads))
-        )
-        best_ms = [{b: min(ms[b], other[b]) for b in ms} for ms, other in zip(best_ms, again)]
     baseline = report.models[0]
     base_accuracy = baseline.quality.accuracy if baseline.quality else None
     candidates = []
@@ -269,11 +261,13 @@ def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: Quantiz
 def lost_on_accuracy_only(result: QuantizeResult, config: QuantizeConfig) -> bool:
     """No candidate accepted, but one was fast enough and failed only the accuracy budget."""
     return result.chosen is None and any(
-        c.accuracy_drop_points is not None
-        and c.accuracy_drop_points > config.max_accuracy_drop_points
-        and all(v >= config.min_speedup for v in c.speedup.values())
-        for c in result.candidates
+        _fast_enough(c, config) and c.accuracy_drop_points > config.max_accuracy_drop_points for c in result.candidates
     )
+
+
+def _fast_enough(candidate: Candidate, config: QuantizeConfig) -> bool:
+    """Meets the speed guarantee and has a measured accuracy to judge."""
+    return candidate.accuracy_drop_points is not None and all(v >= config.min_speedup for v in candidate.speedup.values())
 
 
 # Sensitive layers kept in float, tried in this order until one meets the budget.
@@ -283,7 +277,7 @@ FALLBACK_FLOAT_LAYERS = (1, 2, 4, 8)
 def _accuracy_fallback(model_path, prepared, recipes, candidates, input_name, calibration, work, config, data_name):
     """When every recipe fast enough loses too much accuracy: the fastest one again with another
     calibration method, and with its most sensitive layers left in float. Returns (new candidates, note)."""
-    fast_enough = [c for c in candidates if c.accuracy_drop_points is not None and all(v >= config.min_speedup for v in c.speedup.values())]
+    fast_enough = [c for c in candidates if _fast_enough(c, config)]
     if not fast_enough:
         return [], ""
     best = max(fast_enough, key=lambda c: math.prod(c.speedup.values()))
@@ -345,7 +339,9 @@ def sensitive_nodes(prepared: Path, recipe: QuantRecipe, input_name: str, calibr
 
     def sqnr(tensor: str) -> float | None:
         value = errors.get(tensor, {}).get("xmodel_err")
-        return None if value is None else float(min(value, 100.0)) if math.isfinite(value) else 100.0
+        if value is None:
+            return None
+        return min(float(value), 100.0) if math.isfinite(value) else 100.0  # identical tensors: infinite SQNR
 
     graph = onnx.load(str(prepared), load_external_data=False).graph
     consumers: dict[str, list] = {}
@@ -364,10 +360,6 @@ def sensitive_nodes(prepared: Path, recipe: QuantRecipe, input_name: str, calibr
         if after is not None:
             ranked.append((node.name, round((100.0 if before is None else before) - after, 3)))
     return sorted(ranked, key=lambda item: item[1], reverse=True)
-
-
-def _latencies(report) -> list[dict[int, float]]:
-    return [{t.batch_size: t.latency_ms_median for t in model.timings} for model in report.models]
 
 
 def _pre_process(source: Path, target: Path) -> Path:

@@ -205,13 +205,7 @@ class DynamicBatcher:
         if len(batch) == 1 and padded_rows == rows:
             feed = batch[0].inputs
         else:
-            feed = {
-                name: np.concatenate(
-                    [item.inputs[name] for item in batch]
-                    + ([np.zeros((padded_rows - rows, *batch[0].inputs[name].shape[1:]), batch[0].inputs[name].dtype)] if padded_rows > rows else [])
-                )
-                for name in batch[0].inputs
-            }
+            feed = {name: _merge([item.inputs[name] for item in batch], padded_rows - rows) for name in batch[0].inputs}
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, feed)
         except Exception as exc:  # onnxruntime's own error types
@@ -236,3 +230,10 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result({name: array[start:stop] for name, array in outputs.items()})
             start = stop
+
+
+def _merge(arrays: list[np.ndarray], padding_rows: int) -> np.ndarray:
+    """The requests' rows in order, then `padding_rows` rows of zeros."""
+    if padding_rows:
+        arrays = [*arrays, np.zeros((padding_rows, *arrays[0].shape[1:]), arrays[0].dtype)]
+    return np.concatenate(arrays)

@@ -51,8 +51,7 @@ class ServedModel:
         """
         if self.device != "cuda" or not self.can_merge or max_batch <= 1:
             return ()
-        sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
-        return tuple(sorted(sizes | {max_batch}))
+        return tuple(sorted({1 << i for i in range(max_batch.bit_length())} | {max_batch}))
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One onnxruntime run; called on the model's worker thread."""
