@@ -24,7 +24,7 @@ from bmc.errors import BmcError
 log = logging.getLogger("bmc")
 
 ROUND_CHANNELS_TO = 8
-SEARCH_STEPS = 12
+SEARCH_STEPS = 8
 
 
 @dataclass
@@ -113,7 +113,8 @@ def prune_structured(
                 candidates.append((strategy, round_to, *found))
                 break
     if not candidates:
-        candidates.append((STRATEGIES[0], None, *_prune_copy(model, example, 0.95, None, STRATEGIES[0]), 0.95))
+        plan, left_dense = _plan(model, example, 0.95, None, STRATEGIES[0])
+        candidates.append((STRATEGIES[0], None, _pruned_copy(model, example, plan), left_dense, 0.95))
     measured: dict[str, dict[int, float]] = {}
     if latency_ms is not None and len(candidates) > 1:
         measured = {strategy.name: latency_ms(pruned) for strategy, _, pruned, _, _ in candidates}
@@ -128,35 +129,52 @@ def prune_structured(
 
 
 def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy):
-    """Bisect the channel ratio for the smallest one that removes macs_fraction of the MACs."""
+    """Bisect the channel ratio for the smallest one that removes macs_fraction of the MACs.
+
+    Each step plans on the real weights (L1 ranking needs them) but prunes a skeleton of the model
+    on the meta device, which holds shapes and no data: the search costs a dependency trace per
+    step instead of a deep copy of the weights (seed-cnn224, 1.6 GB: 12 minutes before).
+    """
     low, high = 0.0, 0.95
+    # A convolution's MACs scale with its input and output channels, both pruned by the ratio: the
+    # first probe, 1 - sqrt(1 - fraction), lands near the answer and saves bisection steps.
+    ratio = min(high, 1 - math.sqrt(max(0.0, 1 - macs_fraction)))
     best = None
     for _ in range(SEARCH_STEPS):
-        ratio = (low + high) / 2
-        candidate, left_dense = _prune_copy(model, example, ratio, round_to, strategy)
-        removed = 1 - count_macs_and_params(candidate, example)[0] / macs_before
+        plan, left_dense = _plan(model, example, ratio, round_to, strategy)
+        skeleton = _apply_plan(_meta_skeleton(model), example.to("meta"), plan)
+        removed = 1 - count_macs_and_params(skeleton, example.to("meta"))[0] / macs_before
         if removed >= macs_fraction:
-            best = (candidate, left_dense, ratio)
+            best = (plan, left_dense, ratio)
             high = ratio
             if removed - macs_fraction < 0.01:
                 break
         else:
             low = ratio
-    return best
+        ratio = (low + high) / 2
+    if best is None:
+        return None
+    plan, left_dense, ratio = best
+    return _pruned_copy(model, example, plan), left_dense, ratio
 
 
-def _prune_copy(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy) -> tuple[nn.Module, list[str]]:
+# One pruning decision: (the root module's name, Torch-Pruning's pruning function, channel indices).
+PrunePlan = list[tuple[str, Callable, list[int]]]
+
+
+def _plan(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy) -> tuple[PrunePlan, list[str]]:
+    """Which channels go at this ratio, ranked by L1 norm on the model's weights; the model is untouched."""
     import torch_pruning as tp
 
-    pruned = copy.deepcopy(model)
     # The classifier's outputs are the classes: never pruned.
-    linears = [m for m in pruned.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ignored = linears[-1:]
     if strategy.keep_narrow_layers:
-        ignored += [m for m in pruned.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
+        ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
+    names = {module: name for name, module in model.named_modules()}
     try:
         pruner = tp.pruner.MetaPruner(
-            pruned,
+            model,
             example,
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=channel_ratio,
@@ -164,13 +182,41 @@ def _prune_copy(model: nn.Module, example: torch.Tensor, channel_ratio: float, r
             round_to=round_to,
             global_pruning=strategy.global_ranking,
         )
-        pruner.step()
+        # interactive: the pruner only proposes; nothing is removed from the model here.
+        plan = [(names[group[0].dep.target.module], group[0].dep.handler, list(group[0].idxs)) for group in pruner.step(interactive=True)]
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
         # Torch-Pruning crashes on some graphs (shufflenet_v2's channel shuffle: ZeroDivisionError).
         raise BmcError(f"structured pruning failed on this architecture: {type(exc).__name__}: {exc}") from None
-    with torch.no_grad():
-        pruned(example)  # the pruned graph must still run
-    return pruned, [name for name, m in pruned.named_modules() if m in ignored]
+    return plan, [names[m] for m in ignored]
+
+
+def _apply_plan(model: nn.Module, example: torch.Tensor, plan: PrunePlan) -> nn.Module:
+    """Remove the planned channels from model (in place) and check that it still runs."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example)
+    modules = dict(model.named_modules())
+    try:
+        for name, pruning_fn, indices in plan:
+            graph.get_pruning_group(modules[name], pruning_fn, indices).prune()
+        with torch.no_grad():
+            model(example)  # the pruned graph must still run
+    except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
+        raise BmcError(f"structured pruning failed on this architecture: {type(exc).__name__}: {exc}") from None
+    return model
+
+
+def _pruned_copy(model: nn.Module, example: torch.Tensor, plan: PrunePlan) -> nn.Module:
+    return _apply_plan(copy.deepcopy(model), example, plan)
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of model whose parameters and buffers live on the meta device: every shape, no data."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def prune_magnitude(model: nn.Module, fraction: float) -> tuple[nn.Module, float]:
