@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from bmc.bench import BenchConfig, bench, describe_model
-from bmc.bench.accuracy import bilinear_resize
+from bmc.bench.accuracy import EVAL_BATCH, bilinear_resize, eval_batch_size
 from bmc.bench.sessions import cuda_works
 from bmc.data import DataConfig
 from bmc.errors import UsageError
@@ -300,6 +300,15 @@ def test_bilinear_resize_matches_torch_interpolate():
     for size in ((32, 32), (5, 7), (8, 11), (224, 224)):
         expected = F.interpolate(torch.from_numpy(images), size=size, mode="bilinear", align_corners=False).numpy()
         np.testing.assert_allclose(bilinear_resize(images, size), expected, rtol=0, atol=2e-6)
+
+
+def test_evaluation_batches_shrink_with_the_input_the_model_sees():
+    # CIFAR and digits keep the full batch; at 224 px a batch holds ~16 MB of input, which kept
+    # seed-cnn224's evaluation from needing gigabytes for one convolution's output.
+    assert eval_batch_size(3 * 32 * 32, EVAL_BATCH) == EVAL_BATCH
+    assert eval_batch_size(64, EVAL_BATCH) == EVAL_BATCH
+    assert eval_batch_size(3 * 224 * 224, EVAL_BATCH) == 27
+    assert eval_batch_size(3 * 4096 * 4096, EVAL_BATCH) == 1
 
 
 def test_mutated_models_always_give_a_clean_outcome(models, tmp_path):

@@ -8,6 +8,7 @@ So bench's accuracy is the accuracy PyTorch measured, not an approximation of it
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,15 @@ from bmc.errors import DataError
 from bmc.export.metadata import ModelMetadata
 
 EVAL_BATCH = 256
+# Activations grow with the input: at 224 px, 256 images through seed-cnn224's first convolution
+# (64 channels at full size) are 3.3 GB per tensor. About 16 MB of fp32 input per batch keeps that
+# near 350 MB and leaves small inputs (CIFAR, digits) at EVAL_BATCH.
+EVAL_INPUT_ELEMENTS = 1 << 22
+
+
+def eval_batch_size(input_elements: int, largest: int) -> int:
+    """How many samples of input_elements values each to evaluate at once: at most `largest`."""
+    return max(1, min(largest, EVAL_INPUT_ELEMENTS // max(1, input_elements)))
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,8 @@ def evaluate(session, plan: Preprocessing, dataset: Dataset, model_name: str, ba
     classification = dataset.task == CLASSIFICATION
     input_node = session.get_inputs()[0]
     fixed_batch = input_node.shape[0] if input_node.shape and isinstance(input_node.shape[0], int) and input_node.shape[0] > 0 else None
-    batch = fixed_batch or batch_size or EVAL_BATCH
+    model_sample = (*test_x.shape[1:-2], *plan.resize_to) if plan.resize_to else test_x.shape[1:]
+    batch = fixed_batch or batch_size or eval_batch_size(math.prod(model_sample), EVAL_BATCH)
     input_name = input_node.name
     # fp16 models take half-precision inputs; the preprocessing itself stays in float32, as in training.
     input_dtype = NUMPY_TYPES.get(input_node.type, np.float32)

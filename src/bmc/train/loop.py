@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from bmc.artifact import new_run_dir, point_latest_at, read_meta
+from bmc.bench.accuracy import eval_batch_size
 from bmc.checkpoint import load_resume_state, load_state_into, restore_optimizer, save_checkpoint
 from bmc.data import CLASSIFICATION, IMAGE, Dataset, load_dataset
 from bmc.errors import CheckpointError, TrainingError, UsageError
@@ -140,6 +141,9 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     test_x = torch.from_numpy(dataset.test_x).to(device)
     test_y = torch.from_numpy(dataset.test_y).to(device)
 
+    # Sized by what the model sees (after any resize): 300 test images at 224 px in one batch made
+    # seed-cnn224's training and fine-tuning peak at 12.7 GiB.
+    eval_batch = eval_batch_size(math.prod(resized), EVAL_BATCH)
     steps_per_epoch = max(1, len(train_y) // config.batch_size)  # the last partial batch is dropped
     total_steps = steps_per_epoch * config.epochs
 
@@ -228,7 +232,7 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
                 "lr_end": lr,
                 "train_loss": round(float(totals[0] / totals[2]), 6),
                 **({"train_accuracy": round(float(totals[1] / totals[2]), 6)} if classification else {}),
-                **_evaluate(model, normalizer, test_x, test_y, classification, device, memory_format, placement),
+                **_evaluate(model, normalizer, test_x, test_y, classification, device, memory_format, placement, eval_batch),
                 "seconds": round(train_seconds, 3),
                 "img_per_s": round(float(totals[2]) / max(train_seconds, 1e-9), 1),
             }
@@ -324,7 +328,7 @@ def _loss(outputs: torch.Tensor, targets: torch.Tensor, classification: bool, la
 
 
 @torch.no_grad()
-def _evaluate(model, normalizer, test_x, test_y, classification, device, memory_format, placement) -> dict:
+def _evaluate(model, normalizer, test_x, test_y, classification, device, memory_format, placement, batch: int) -> dict:
     """Test-split metrics in fp32, each process scoring its share: accuracy and loss, or MSE and R².
 
     fp32 even when training in bf16: the reported accuracy is then exactly what the exported fp32
@@ -336,8 +340,8 @@ def _evaluate(model, normalizer, test_x, test_y, classification, device, memory_
     correct = torch.zeros((), device=device, dtype=torch.float64)
     target_sum = torch.zeros((), device=device, dtype=torch.float64)
     target_sq_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for start in range(0, len(share), EVAL_BATCH):
-        indices = share[start : start + EVAL_BATCH]
+    for start in range(0, len(share), batch):
+        indices = share[start : start + batch]
         inputs = normalizer(test_x[indices]).contiguous(memory_format=memory_format)
         outputs = model(inputs).float()
         targets = test_y[indices]
