@@ -4,6 +4,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from bmc.artifact import sha256_file
 from bmc.bench.sessions import cuda_works
 from bmc.compress import CompressConfig, compress
 from bmc.data import DataConfig
@@ -258,6 +259,24 @@ def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers_accuracy(wor
     assert (original_row["stage"], pruned_row["stage"]) == ("original", "pruned + kd")
     assert pruned_row["parameters"] < original_row["parameters"] and pruned_row["size_ratio"] > 1.5
     assert abs(pruned_row["accuracy"] - prune["test_metrics"]["test_accuracy"]) < 1e-5 and set(pruned_row["speedup"]) == {1, 32}
+
+
+def test_pruned_int8_is_compared_with_int8_alone_and_the_note_says_when_pruning_bought_no_speed(workdir):
+    original = train(TrainConfig(epochs=5))
+    report = compress(CompressConfig(prune=0.5, finetune_epochs=2, quantization=QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01)))
+    stages = [row["stage"] for row in report.summary]
+    assert stages == ["original", "pruned + kd", "int8", "int8, not pruned"]
+    result, unpruned = report.summary[-2:]
+    reference = original.run_dir / "compressed" / "model-int8-unpruned.onnx"
+    assert Path(unpruned["path"]).resolve() == reference.resolve() and Path(f"{reference}.sha256").read_text().split()[0] == sha256_file(reference)
+    # Same recipe on both: the unpruned int8 model keeps every channel, in the same format.
+    assert unpruned["parameters"] > result["parameters"] and unpruned["format"] == result["format"]
+    assert unpruned["size_bytes"] > result["size_bytes"]
+    assert not (original.run_dir / "compressed" / ".model-int8-unpruned").exists()
+    no_gain = any(ms >= unpruned["latency_ms"][b] for b, ms in result["latency_ms"].items())
+    assert no_gain == any(note.startswith("pruning bought no speed over int8 alone") for note in report.notes)
+    written = json.loads((original.run_dir / "compressed" / "compress_report.json").read_text())
+    assert written["notes"] == report.notes
 
 
 def test_gradual_pruning_reaches_the_target_in_steps(workdir):

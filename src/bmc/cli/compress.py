@@ -104,6 +104,8 @@ def compress_command(
             typer.echo(stage["note"])
     if report.summary:
         _print_summary(report.summary)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
     typer.echo(f"result: {report.result} (report: {Path(report.out_dir) / 'compress_report.json'})")
 
 

@@ -75,6 +75,8 @@ class CompressReport:
     # The original and every model a stage produced, measured together at the end: parameters,
     # size (raw and gzip), sparsity, accuracy, latency at batch 1 and 32, ratios to the original.
     summary: list[dict] = field(default_factory=list)
+    # What a user should know about the result that the figures alone do not say.
+    notes: list[str] = field(default_factory=list)
 
 
 def compress(config: CompressConfig) -> CompressReport:

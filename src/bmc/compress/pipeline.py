@@ -68,9 +68,42 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         report.result = str(onnx_path)
     if Path(report.result) != onnx_path:
         produced.append((config.quantize, Path(report.result)))
+    reference = None
+    if config.prune > 0 and produced and produced[-1][0] == "int8":
+        reference = _unpruned_int8(original_onnx, out_dir, report, quantization)
+        if reference is not None:
+            produced.append(("int8, not pruned", reference))
     report.summary = _summary(original_onnx, produced, config, data, data_dir)
+    if reference is not None:
+        report.notes += _pruning_paid_off(report.summary[-2], report.summary[-1])
     atomic_write_json(out_dir / REPORT, asdict(report))
     return report
+
+
+def _unpruned_int8(original: Path, out_dir: Path, report: CompressReport, quantization: QuantizeConfig) -> Path | None:
+    """The original model quantized by the recipe the pruned one got: what int8 alone would have given."""
+    from bmc.compress.quantize import quantize_like
+
+    recipe = next(stage["chosen_recipe"] for stage in reversed(report.stages) if stage["stage"] == "quantize")
+    return quantize_like(original, out_dir / "model-int8-unpruned.onnx", recipe, quantization)
+
+
+def _pruning_paid_off(result: dict, unpruned: dict) -> list[str]:
+    """A note when pruning cost accuracy and bought no speed over int8 alone at some batch size."""
+    slower = {b: ms for b, ms in result["latency_ms"].items() if ms >= unpruned["latency_ms"].get(b, float("inf"))}
+    if not slower:
+        return []
+    lost = (
+        f" and cost {100 * (unpruned['accuracy'] - result['accuracy']):.2f} points"
+        if None not in (result["accuracy"], unpruned["accuracy"]) and result["accuracy"] < unpruned["accuracy"]
+        else ""
+    )
+    where = ", ".join(f"batch {b}: {ms:.3f} against {unpruned['latency_ms'][b]:.3f} ms" for b, ms in slower.items())
+    smaller = 1 - result["size_bytes"] / unpruned["size_bytes"]
+    return [
+        f"pruning bought no speed over int8 alone ({where}){lost}, for a {smaller:.0%} smaller file; "
+        f"the unpruned int8 model is {unpruned['path']}"
+    ]
 
 
 def _evaluation_data(run_dir: Path | None, config: CompressConfig) -> tuple[str | None, Path | None]:

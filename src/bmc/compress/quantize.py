@@ -152,32 +152,15 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
     Speed and accuracy are judged against baseline_path (default: model_path itself); quantization-aware
     fine-tuning passes the original model here, so its budget is the original's accuracy.
     """
-    from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
-    from bmc.bench.model_file import open_model
     from bmc.environment import cpu_info
-    from bmc.export.metadata import ModelMetadata
 
     model_path = Path(model_path)
-    model = open_model(model_path)
-    metadata = ModelMetadata.from_props(model.metadata_props)
-    data_name = config.calib_data or metadata.dataset
-    if not data_name:
-        raise UsageError(f"{model_path} names no data set in its metadata; pass --calib-data NAME")
-    shape = tuple(d if isinstance(d, int) and d > 0 else 0 for d in model.inputs[0].shape[1:]) if model.inputs else ()
-    model_shape = tuple(metadata.input_shape) or shape
-    dataset = load_eval_dataset(data_name, config.calib_data_dir, metadata, model_shape)
-    plan = plan_preprocessing(str(model_path), metadata, model_shape, dataset)
-    input_name = model.inputs[0].name
-    del model
-
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".quantize"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        prepared = _pre_process(model_path, work / "preprocessed.onnx")
-        calibration = calibration_batches(dataset, plan, config.calib_samples, config.seed)
-        _check_finite_outputs(prepared, input_name, calibration[0], model_path)
+        prepared, input_name, calibration, data_name = _prepare(model_path, config, work)
         flags = cpu_info()["flags"]
         paths = []
         for recipe in candidate_recipes(flags):
@@ -222,6 +205,50 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def quantize_like(model_path: Path, target: Path, recipe_name: str, config: QuantizeConfig) -> Path | None:
+    """model_path quantized by the named recipe with config's calibration, no candidates and no
+    judging: a reference to compare a result with. None when the name is no plain recipe."""
+    from bmc.environment import cpu_info
+
+    recipes = {r.name: r for flags in ((), VNNI_FLAGS, cpu_info()["flags"]) for r in candidate_recipes(flags)}
+    if recipe_name not in recipes:
+        return None
+    work = target.parent / f".{target.stem}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        prepared, input_name, calibration, _ = _prepare(Path(model_path), config, work)
+        quantize_with_recipe(prepared, work / "quantized.onnx", recipes[recipe_name], input_name, calibration, config.calib_method)
+        os.replace(work / "quantized.onnx", target)
+        write_sidecar_sha256(target, sha256_file(target))
+        return target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare(model_path: Path, config: QuantizeConfig, work: Path):
+    """(the pre-processed model in work, its input name, calibration batches, the data set's name)."""
+    from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
+    from bmc.bench.model_file import open_model
+    from bmc.export.metadata import ModelMetadata
+
+    model = open_model(model_path)
+    metadata = ModelMetadata.from_props(model.metadata_props)
+    data_name = config.calib_data or metadata.dataset
+    if not data_name:
+        raise UsageError(f"{model_path} names no data set in its metadata; pass --calib-data NAME")
+    shape = tuple(d if isinstance(d, int) and d > 0 else 0 for d in model.inputs[0].shape[1:]) if model.inputs else ()
+    model_shape = tuple(metadata.input_shape) or shape
+    dataset = load_eval_dataset(data_name, config.calib_data_dir, metadata, model_shape)
+    plan = plan_preprocessing(str(model_path), metadata, model_shape, dataset)
+    input_name = model.inputs[0].name
+    del model
+    prepared = _pre_process(model_path, work / "preprocessed.onnx")
+    calibration = calibration_batches(dataset, plan, config.calib_samples, config.seed)
+    _check_finite_outputs(prepared, input_name, calibration[0], model_path)
+    return prepared, input_name, calibration, data_name
 
 
 def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):
