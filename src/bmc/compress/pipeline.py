@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
 
     if run_dir is not None and config.prune > 0:
         run_dir = _prune_and_finetune(run_dir, out_dir, config, report)
+        gc.collect()  # its models sit in reference cycles; quantization needs the memory next
         onnx_path = run_dir / "model.onnx"
         produced.append(("pruned" + (" + kd" if config.distill else ""), onnx_path))
     if run_dir is not None and config.student:

@@ -11,6 +11,7 @@ in onnxruntime while multiples of 8 made it 1.9x faster (the issue's measurement
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ def prune_structured(
     stats = PruneStats(macs_before, macs_after, params_before, params_after, ratio, left_dense, round_to or 1)
     stats.strategy = strategy.name
     stats.candidate_latency_ms = measured
+    del candidates
+    # Torch-Pruning's dependency graphs leave reference cycles over the candidates' weights: 3.3 GB
+    # of seed-cnn224 stayed resident until a collection, under the quantization that comes next.
+    gc.collect()
     return pruned, stats
 
 
