@@ -312,3 +312,26 @@ def test_pruning_strategies_are_timed_and_fastest_picks_by_latency(workdir):
     assert len(timed) >= 2 and prune["strategy"] in timed
     product = {name: times[1] * times[32] for name, times in timed.items()}
     assert prune["strategy"] == min(product, key=product.get)
+
+
+def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights():
+    import torch
+
+    from bmc.compress.prune import prune_structured
+    from bmc.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", (3, 32, 32), 10).eval()
+    example = torch.randn(4, 3, 32, 32)
+    pruned, stats = prune_structured(model, example[:1], 0.5)
+    assert stats.strategy == "block-internal channels only" and 0.5 <= stats.macs_removed < 0.6
+    for (name, before), after in zip(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)),
+        (m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)),
+    ):
+        inside_a_block = name.endswith(".conv1")
+        # The streams that additions join keep their width; the channels inside blocks shrink to eights.
+        assert after.out_channels == before.out_channels or inside_a_block, name
+        assert after.out_channels % 8 == 0 and (after.out_channels < before.out_channels or not inside_a_block), name
+    with torch.no_grad():
+        assert pruned(example).shape == (4, 10)

@@ -13,7 +13,10 @@ def compress_command(
     source: Optional[Path] = typer.Argument(None, help="Run directory or MODEL.onnx (default: runs/latest)."),
     prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (0.5 = half the MACs)."),
     prune_method: str = typer.Option("l1-structured", "--prune-method", help="l1-structured (channels removed) or magnitude (weights zeroed)."),
-    prune_strategy: str = typer.Option("uniform", "--prune-strategy", help="uniform (gentlest on accuracy) or fastest (lowest measured latency)."),
+    prune_strategy: str = typer.Option(
+        "block-internal", "--prune-strategy",
+        help="block-internal (residual streams keep their width; uniform elsewhere), uniform (every layer alike) or fastest (lowest measured latency).",
+    ),
     prune_iterations: int = typer.Option(1, "--prune-iterations", help="Prune gradually: this many prune-then-fine-tune steps."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning, over all steps (default per data set)."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer lazily; the config
 # "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
 QUANTIZATIONS = ("auto", "none", "int8", "fp16", "qat")
 PRUNE_METHODS = ("l1-structured", "magnitude")
+PRUNE_CHOICES = ("block-internal", "uniform", "fastest")
 # Fine-tuning epochs after pruning when --finetune-epochs is not given.
 FINETUNE_EPOCHS = {"digits": 20, "iris": 30, "cifar10": 5, "imagefolder": 5, "mnist": 2, "fashion-mnist": 3}
 TARGETS = ("cpu", "cuda")
@@ -33,7 +34,9 @@ class CompressConfig:
     source: Path | None = None
     prune: float = 0.0
     prune_method: str = "l1-structured"
-    prune_strategy: str = "uniform"  # or "fastest": the candidate with the lowest measured latency
+    # block-internal: residual streams keep their width (uniform where a model has none); uniform:
+    # every layer by the same ratio; fastest: the candidate with the lowest measured latency.
+    prune_strategy: str = "block-internal"
     prune_iterations: int = 1  # gradual pruning: this many prune-then-fine-tune steps
     finetune_epochs: int | None = None
     distill: bool = True
@@ -50,8 +53,8 @@ class CompressConfig:
             raise UsageError(f"prune must be in [0, 0.95] (the fraction of multiply-accumulates removed); got {self.prune}")
         if self.prune_method not in PRUNE_METHODS:
             raise UsageError(f"prune_method must be one of {', '.join(PRUNE_METHODS)}; got {self.prune_method!r}")
-        if self.prune_strategy not in ("uniform", "fastest"):
-            raise UsageError(f"prune_strategy must be one of uniform, fastest; got {self.prune_strategy!r}")
+        if self.prune_strategy not in PRUNE_CHOICES:
+            raise UsageError(f"prune_strategy must be one of {', '.join(PRUNE_CHOICES)}; got {self.prune_strategy!r}")
         if isinstance(self.prune_iterations, bool) or not isinstance(self.prune_iterations, int) or not 1 <= self.prune_iterations <= 20:
             raise UsageError(f"prune_iterations must be in [1, 20]; got {self.prune_iterations!r}")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs <= 1000:
