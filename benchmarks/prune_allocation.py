@@ -28,7 +28,7 @@ from common import print_table, write_results  # noqa: E402
 
 from bmc.bench import BenchConfig, bench_rounds  # noqa: E402
 from bmc.checkpoint import load_model  # noqa: E402
-from bmc.compress.prune import count_macs_and_params  # noqa: E402
+from bmc.compress.prune import _joins_outputs, count_macs_and_params  # noqa: E402
 from bmc.compress.quantize import _pre_process, candidate_recipes, quantize_with_recipe  # noqa: E402
 from bmc.environment import cpu_info  # noqa: E402
 from bmc.export.onnx_export import torch_to_onnx  # noqa: E402
@@ -60,9 +60,8 @@ def prune_by_stage(model, example, residual_keep, internal_keep, round_to: int =
     cuts = []
     for group in groups:
         root = group[0].dep.target.module
-        producers = [d.target.module for d, _ in group if getattr(d.handler, "__name__", "") == "prune_out_channels" and isinstance(d.target.module, nn.Conv2d)]
         stage = widths.index(root.out_channels)
-        keep_fraction = (residual_keep if len(producers) > 1 else internal_keep)[stage]
+        keep_fraction = (residual_keep if _joins_outputs(group) else internal_keep)[stage]
         keep = max(round_to, int(round(root.out_channels * keep_fraction / round_to)) * round_to)
         if keep < root.out_channels:
             order = torch.argsort(importance(group))

@@ -91,7 +91,7 @@ def _unpruned_int8(original: Path, out_dir: Path, report: CompressReport, quanti
 
 
 def _pruning_paid_off(result: dict, unpruned: dict) -> list[str]:
-    """A note when pruning cost accuracy and bought no speed over int8 alone at some batch size."""
+    """A note when the pruned int8 model is no faster than int8 alone at some batch size (with what pruning cost)."""
     slower = {b: ms for b, ms in result["latency_ms"].items() if ms >= unpruned["latency_ms"].get(b, float("inf"))}
     if not slower:
         return []

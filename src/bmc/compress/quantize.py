@@ -210,9 +210,8 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
 def quantize_like(model_path: Path, target: Path, recipe_name: str, config: QuantizeConfig) -> Path | None:
     """model_path quantized by the named recipe with config's calibration, no candidates and no
     judging: a reference to compare a result with. None when the name is no plain recipe."""
-    from bmc.environment import cpu_info
-
-    recipes = {r.name: r for flags in ((), VNNI_FLAGS, cpu_info()["flags"]) for r in candidate_recipes(flags)}
+    # candidate_recipes branches on VNNI alone: these two lists hold every recipe bmc can choose.
+    recipes = {r.name: r for flags in ((), VNNI_FLAGS) for r in candidate_recipes(flags)}
     if recipe_name not in recipes:
         return None
     work = target.parent / f".{target.stem}"
