@@ -335,3 +335,40 @@ def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights(
         assert after.out_channels % 8 == 0 and (after.out_channels < before.out_channels or not inside_a_block), name
     with torch.no_grad():
         assert pruned(example).shape == (4, 10)
+
+
+def test_residual_blocks_are_found_by_tracing_and_dropping_one_equals_zeroing_its_branch():
+    import torch
+    import torchvision
+
+    from bmc.compress.prune import drop_blocks, residual_blocks
+    from bmc.models import create_model
+
+    torch.manual_seed(0)
+    resnet20 = create_model("resnet20", (3, 32, 32), 10).eval()
+    blocks = residual_blocks(resnet20)
+    # Nine blocks, of which the first of stages 2 and 3 project their shortcut: not droppable.
+    assert [name for name, _ in blocks] == ["layers.0", "layers.1", "layers.2", "layers.4", "layers.5", "layers.7", "layers.8"]
+    assert {kind for _, kind in blocks} == {"relu"}
+    mobilenet = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    assert len(residual_blocks(mobilenet)) == 10 and {kind for _, kind in residual_blocks(mobilenet)} == {"identity"}
+
+    example = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for module in (resnet20.layers[1], resnet20.layers[5]):
+            module.bn2.weight.zero_()
+            module.bn2.bias.zero_()
+        expected = resnet20(example)
+        drop_blocks(resnet20, [b for b in blocks if b[0] in ("layers.1", "layers.5")])
+        assert torch.equal(resnet20(example), expected)
+    assert isinstance(resnet20.layers[1], torch.nn.ReLU) and len(residual_blocks(resnet20)) == 5
+
+
+def test_an_image_folder_run_is_calibrated_on_its_own_folder_without_being_told(workdir, cifar_slice):
+    # The run records where its images live; calibration after pruning used to need --calib-data-dir
+    # and failed only after the fine-tuning had run.
+    train(TrainConfig(data=DataConfig(name="imagefolder", data_dir=cifar_slice), model="seed-cifar-cnn", epochs=2, batch_size=50))
+    report = compress(CompressConfig(prune=0.3, quantize="int8", finetune_epochs=1, quantization=QuantizeConfig(calib_samples=64)))
+    quantize = next(s for s in report.stages if s["stage"] == "quantize")
+    assert quantize["candidates"] and quantize["baseline_accuracy"] is not None
+    assert all(row["accuracy"] is not None for row in report.summary)

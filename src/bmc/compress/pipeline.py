@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bmc.artifact import atomic_write_json, resolve_run_dir
@@ -32,6 +32,9 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         exported = export(ExportConfig(run_dir=run_dir))
         report.stages.append({"stage": "export", **exported.summary()})
     original_onnx, data, data_dir = onnx_path, *_evaluation_data(run_dir, config)
+    # Calibration reads the run's own data set and folder unless told otherwise: an imagefolder run
+    # fine-tuned for minutes must not then fail for want of --calib-data-dir (it did, on resnet20).
+    config = replace(config, quantization=replace(config.quantization or QuantizeConfig(), calib_data=data, calib_data_dir=data_dir))
     produced = []  # (stage label, ONNX path) of every model the stages made
 
     if run_dir is not None and config.prune > 0:
