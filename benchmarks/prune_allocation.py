@@ -28,12 +28,12 @@ from common import print_table, write_results  # noqa: E402
 
 from bmc.bench import BenchConfig, bench_rounds  # noqa: E402
 from bmc.checkpoint import load_model  # noqa: E402
-from bmc.compress.prune import _joins_outputs, count_macs_and_params  # noqa: E402
+from bmc.compress.prune import _joins_outputs, count_macs_and_params, drop_blocks, residual_blocks  # noqa: E402
 from bmc.compress.quantize import _pre_process, candidate_recipes, quantize_with_recipe  # noqa: E402
 from bmc.environment import cpu_info  # noqa: E402
 from bmc.export.onnx_export import torch_to_onnx  # noqa: E402
 
-# name -> (residual channels kept per stage, block-internal channels kept per stage)
+# name -> (residual channels kept per stage, block-internal channels kept per stage[, residual blocks dropped per stage])
 CONFIGS = {
     "dense": ((1, 1, 1), (1, 1, 1)),
     "uniform (bmc's default: 16->8, 32->24, 64->56)": ((0.5, 0.75, 0.875), (0.5, 0.75, 0.875)),
@@ -42,16 +42,29 @@ CONFIGS = {
     "residual 3/4 in stages 2-3, internal 1/2": ((1, 0.75, 0.75), (0.5, 0.5, 0.5)),
     "residual 1/2 in stages 2-3, internal 1/2": ((1, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "everything 1/2": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "1 block dropped per stage": ((1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    "2 blocks dropped in stage 1, 1 in 2-3": ((1, 1, 1), (1, 1, 1), (2, 1, 1)),
+    "3 blocks dropped in stage 1": ((1, 1, 1), (1, 1, 1), (3, 0, 0)),
+    "1 block dropped per stage, internal 1/2": ((1, 1, 1), (0.5, 0.5, 0.5), (1, 1, 1)),
+    "2+1+1 blocks dropped, internal 3/4 in 2-3": ((1, 1, 1), (1, 0.75, 0.75), (2, 1, 1)),
+    "2+2+2 blocks dropped": ((1, 1, 1), (1, 1, 1), (2, 2, 2)),
 }
 
 
-def prune_by_stage(model, example, residual_keep, internal_keep, round_to: int = 8):
-    """A copy of model with each channel group cut to its stage's kept fraction (L1-ranked)."""
+def prune_by_stage(model, example, residual_keep, internal_keep, dropped=(0, 0, 0), round_to: int = 8):
+    """A copy of model with each channel group cut to its stage's kept fraction (L1-ranked), and the
+    last `dropped` residual blocks of each stage replaced by what they add to (their shortcut)."""
     import torch
     import torch_pruning as tp
     from torch import nn
 
     model = copy.deepcopy(model).eval()
+    blocks = residual_blocks(model)
+    stage_of = {}
+    for name, _ in blocks:
+        stage_of.setdefault(dict(model.named_modules())[name].conv2.out_channels, []).append(name)
+    drop = [name for stage, names in enumerate(stage_of.values()) for name in names[len(names) - dropped[stage]:]]
+    model = drop_blocks(model, [b for b in blocks if b[0] in drop])
     graph = tp.DependencyGraph().build_dependency(model, example)
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     groups = list(graph.get_all_groups(ignored_layers=[classifier], root_module_types=(nn.Conv2d,)))
@@ -97,8 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         files = []
         for index, name in enumerate(names):
-            residual, internal = CONFIGS[name]
-            pruned = prune_by_stage(model, example, residual, internal)
+            pruned = prune_by_stage(model, example, *CONFIGS[name])
             fp32 = Path(scratch) / f"{index}.onnx"
             torch_to_onnx(pruned, example, fp32, 17)
             int8 = Path(scratch) / f"{index}-int8.onnx"

@@ -341,8 +341,9 @@ def test_residual_blocks_are_found_by_tracing_and_dropping_one_equals_zeroing_it
     import torch
     import torchvision
 
-    from bmc.compress.prune import drop_blocks, residual_blocks
+    from bmc.compress.prune import residual_blocks
     from bmc.models import create_model
+    from bmc.models.blocks import DroppedBlock, drop_blocks
 
     torch.manual_seed(0)
     resnet20 = create_model("resnet20", (3, 32, 32), 10).eval()
@@ -361,7 +362,7 @@ def test_residual_blocks_are_found_by_tracing_and_dropping_one_equals_zeroing_it
         expected = resnet20(example)
         drop_blocks(resnet20, [b for b in blocks if b[0] in ("layers.1", "layers.5")])
         assert torch.equal(resnet20(example), expected)
-    assert isinstance(resnet20.layers[1], torch.nn.ReLU) and len(residual_blocks(resnet20)) == 5
+    assert isinstance(resnet20.layers[1], DroppedBlock) and len(residual_blocks(resnet20)) == 5
 
 
 def test_an_image_folder_run_is_calibrated_on_its_own_folder_without_being_told(workdir, cifar_slice):
@@ -372,3 +373,24 @@ def test_an_image_folder_run_is_calibrated_on_its_own_folder_without_being_told(
     quantize = next(s for s in report.stages if s["stage"] == "quantize")
     assert quantize["candidates"] and quantize["baseline_accuracy"] is not None
     assert all(row["accuracy"] is not None for row in report.summary)
+
+
+def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_them(workdir):
+    import torch
+
+    from bmc.checkpoint import load_model
+    from bmc.compress.prune import residual_blocks
+    from bmc.models.blocks import DroppedBlock
+
+    train(TrainConfig(model="resnet20", data=DataConfig(name="synthetic"), epochs=1))
+    report = compress(CompressConfig(prune=0.5, prune_strategy="depth", quantize="none", finetune_epochs=1))
+    prune = next(s for s in report.stages if s["stage"] == "prune")
+    assert prune["strategy"].startswith("residual blocks dropped") and 0.5 <= prune["macs_removed"] < 0.6
+    # Each block is about a ninth of resnet20's MACs: up to four go whole, channels make up the rest.
+    assert 1 <= len(prune["blocks_dropped"]) <= 4
+    model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")
+    assert [name for name, _ in meta["model"]["dropped_blocks"]] == prune["blocks_dropped"]
+    assert all(isinstance(model.get_submodule(name), DroppedBlock) for name in prune["blocks_dropped"])
+    assert len(residual_blocks(model)) == 7 - len(prune["blocks_dropped"])
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

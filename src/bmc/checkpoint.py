@@ -157,6 +157,10 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     except KeyError as exc:
         raise CheckpointError(f"{run_dir / RUN_META}: missing field {exc}") from None
     state = load_tensors(run_dir / weights["file"], expected_sha256=weights["sha256"])
+    if model_meta.get("dropped_blocks"):
+        from bmc.models.blocks import drop_blocks
+
+        drop_blocks(model, [tuple(block) for block in model_meta["dropped_blocks"]])
     if model_meta.get("pruned"):
         shrink_to_state(model, state)
     load_state_into(model, state, run_dir / weights["file"])

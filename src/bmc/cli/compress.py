@@ -15,7 +15,7 @@ def compress_command(
     prune_method: str = typer.Option("l1-structured", "--prune-method", help="l1-structured (channels removed) or magnitude (weights zeroed)."),
     prune_strategy: str = typer.Option(
         "block-internal", "--prune-strategy",
-        help="block-internal (residual streams keep their width; uniform elsewhere), uniform (every layer alike) or fastest (lowest measured latency).",
+        help="block-internal (residual streams keep their width; uniform elsewhere), depth (least important residual blocks dropped first, then block-internal), uniform (every layer alike) or fastest (lowest measured latency).",
     ),
     prune_iterations: int = typer.Option(1, "--prune-iterations", help="Prune gradually: this many prune-then-fine-tune steps."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning, over all steps (default per data set)."),

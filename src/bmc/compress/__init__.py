@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer lazily; the config
 # "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
 QUANTIZATIONS = ("auto", "none", "int8", "fp16", "qat")
 PRUNE_METHODS = ("l1-structured", "magnitude")
-PRUNE_CHOICES = ("block-internal", "uniform", "fastest")
+PRUNE_CHOICES = ("block-internal", "depth", "uniform", "fastest")
 # Fine-tuning epochs after pruning when --finetune-epochs is not given.
 FINETUNE_EPOCHS = {"digits": 20, "iris": 30, "cifar10": 5, "imagefolder": 5, "mnist": 2, "fashion-mnist": 3}
 TARGETS = ("cpu", "cuda")

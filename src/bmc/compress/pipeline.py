@@ -6,6 +6,8 @@ import gc
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from bmc.artifact import atomic_write_json, resolve_run_dir
 from bmc.compress import REPORT, CompressConfig, CompressReport
 from bmc.compress.quantize import QuantizeConfig, lost_on_accuracy_only, quantize_int8
@@ -332,6 +334,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
             pruned, stats = prune_structured(
                 current, example, max(0.0, 1 - keep * macs_original / macs_now),
                 latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy,
+                ranking_inputs=_ranking_inputs(trained, meta) if config.prune_strategy in ("depth", "fastest") else None,
             )
             stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
             step_dir = finetune_dir if step == steps else out_dir / f"pruned-step{step}"
@@ -357,6 +360,22 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     exported = export(ExportConfig(run_dir=run.run_dir))
     report.stages.append({"stage": "export", **exported.summary()})
     return run.run_dir
+
+
+def _ranking_inputs(trained, meta: dict, samples: int = 256):
+    """`samples` training inputs of the run's data set, normalized as training feeds them, drawn with the run's seed."""
+    import torch
+
+    from bmc.data import IMAGE, load_dataset
+    from bmc.train.augment import Normalizer
+
+    dataset = load_dataset(trained.data)
+    chosen = np.sort(np.random.default_rng(trained.seed).choice(len(dataset.train_x), size=min(samples, len(dataset.train_x)), replace=False))
+    shape = tuple(meta["model"]["input_shape"])
+    resize_to = shape[1:] if dataset.layout == IMAGE and tuple(dataset.input_shape) != shape else None
+    normalizer = Normalizer(dataset.normalization, dataset.layout == IMAGE, resize_to)
+    with torch.no_grad():
+        return normalizer(torch.from_numpy(dataset.train_x[chosen]))
 
 
 def _finetune(train, finetune, pruned, teacher, epochs: int, out: Path, stage: dict):

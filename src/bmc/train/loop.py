@@ -20,6 +20,7 @@ from bmc.checkpoint import load_resume_state, load_state_into, restore_optimizer
 from bmc.data import CLASSIFICATION, IMAGE, Dataset, load_dataset
 from bmc.errors import CheckpointError, TrainingError, UsageError
 from bmc.models import create_model, model_entry, model_input_shape
+from bmc.models.blocks import dropped_blocks
 from bmc.train.augment import Normalizer, epoch_batches
 from bmc.train.config import TrainConfig, resolve_recipe
 from bmc.train.distributed import Placement, all_reduce_sum, barrier, setup_placement, teardown
@@ -157,6 +158,7 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
         first_epoch, history = 0, []
     meta = _describe_run(config, dataset, model, precision, device, placement)
     meta["model"]["pruned"] = initial_model is not None
+    meta["model"]["dropped_blocks"] = dropped_blocks(model)
     meta["model"]["distilled"] = teacher is not None
     if progress and placement.is_main:
         progress.start(run_dir, config, first_epoch)
