@@ -394,3 +394,18 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     assert len(residual_blocks(model)) == 7 - len(prune["blocks_dropped"])
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_no_speed_note_points_to_depth_pruning_only_where_blocks_could_go():
+    from bmc.compress.pipeline import _pruning_paid_off
+
+    unpruned = {"latency_ms": {1: 0.275, 32: 4.99}, "accuracy": 0.8658, "size_bytes": 1_000_000, "path": "u.onnx"}
+    result = {"latency_ms": {1: 0.295, 32: 4.80}, "accuracy": 0.8552, "size_bytes": 470_000}
+    (note,) = _pruning_paid_off(result, unpruned, {"droppable_blocks": 7, "blocks_dropped": []})
+    assert note.startswith("pruning bought no speed over int8 alone (batch 1: 0.295 against 0.275 ms) and cost 1.06 points")
+    assert "--prune-strategy depth" in note and "7 of this model's" in note
+    (note,) = _pruning_paid_off(result, unpruned, {"droppable_blocks": 0, "blocks_dropped": []})
+    assert "depth" not in note
+    (note,) = _pruning_paid_off(result, unpruned, {"droppable_blocks": 7, "blocks_dropped": ["layers.4"]})
+    assert "depth" not in note
+    assert _pruning_paid_off({**result, "latency_ms": {1: 0.2, 32: 3.0}}, unpruned, {}) == []

@@ -82,7 +82,8 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
             produced.append(("int8, not pruned", reference))
     report.summary = _summary(original_onnx, produced, config, data, data_dir)
     if reference is not None:
-        report.notes += _pruning_paid_off(report.summary[-2], report.summary[-1])
+        prune_stage = next(stage for stage in report.stages if stage["stage"] == "prune")
+        report.notes += _pruning_paid_off(report.summary[-2], report.summary[-1], prune_stage)
     atomic_write_json(out_dir / REPORT, asdict(report))
     return report
 
@@ -95,8 +96,9 @@ def _unpruned_int8(original: Path, out_dir: Path, report: CompressReport, quanti
     return quantize_like(original, out_dir / "model-int8-unpruned.onnx", recipe, quantization)
 
 
-def _pruning_paid_off(result: dict, unpruned: dict) -> list[str]:
-    """A note when the pruned int8 model is no faster than int8 alone at some batch size (with what pruning cost)."""
+def _pruning_paid_off(result: dict, unpruned: dict, prune_stage: dict) -> list[str]:
+    """A note when the pruned int8 model is no faster than int8 alone at some batch size (with what
+    pruning cost, and the way out where the model has residual blocks to drop)."""
     slower = {b: ms for b, ms in result["latency_ms"].items() if ms >= unpruned["latency_ms"].get(b, float("inf"))}
     if not slower:
         return []
@@ -107,9 +109,16 @@ def _pruning_paid_off(result: dict, unpruned: dict) -> list[str]:
     )
     where = ", ".join(f"batch {b}: {ms:.3f} against {unpruned['latency_ms'][b]:.3f} ms" for b, ms in slower.items())
     smaller = 1 - result["size_bytes"] / unpruned["size_bytes"]
+    droppable = prune_stage.get("droppable_blocks", 0)
+    depth = (
+        f"; --prune-strategy depth removes whole residual blocks instead ({droppable} of this model's can go), "
+        "which takes operators and their fixed costs away, not only arithmetic"
+        if droppable and not prune_stage.get("blocks_dropped")
+        else ""
+    )
     return [
         f"pruning bought no speed over int8 alone ({where}){lost}, for a {smaller:.0%} smaller file; "
-        f"the unpruned int8 model is {unpruned['path']}"
+        f"the unpruned int8 model is {unpruned['path']}{depth}"
     ]
 
 

@@ -43,6 +43,7 @@ class PruneStats:
     strategy: str = "uniform"
     candidate_latency_ms: dict = field(default_factory=dict)
     blocks_dropped: list[str] = field(default_factory=list)
+    droppable_blocks: int = 0  # residual blocks the model could lose whole (--prune-strategy depth)
 
     @property
     def macs_removed(self) -> float:
@@ -62,6 +63,7 @@ class PruneStats:
             "strategy": self.strategy,
             "candidate_latency_ms": self.candidate_latency_ms,
             "blocks_dropped": self.blocks_dropped,
+            "droppable_blocks": self.droppable_blocks,
         }
 
 
@@ -130,13 +132,21 @@ def prune_structured(
     macs_before, params_before = count_macs_and_params(model, example)
     candidates = []
     for strategy in STRATEGIES:
-        if strategy.drop_blocks and choose not in ("depth", "fastest"):
-            continue  # ranking blocks costs forward passes: only when depth may be chosen
+        start, macs_start = model, macs_before
+        if strategy.drop_blocks:
+            if choose not in ("depth", "fastest"):
+                continue  # ranking blocks costs forward passes: only when depth may be chosen
+            start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs)
+            if start is None:
+                continue
+            macs_start = count_macs_and_params(start, example)[0]
+        # What is left to remove from `start` for the whole model to lose macs_fraction of its MACs.
+        fraction = 1 - (1 - macs_fraction) * macs_before / macs_start
         for round_to in (ROUND_CHANNELS_TO, None):
-            if strategy.drop_blocks:
-                found = _drop_blocks_then_search(model, example, macs_fraction, macs_before, round_to, strategy, ranking_inputs)
+            if start is not model and fraction < 0.01:
+                found = (start, [], 0.0)  # the dropped blocks alone reach the target
             else:
-                found = _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy)
+                found = _search_ratio(start, example, fraction, macs_start, round_to, strategy)
             if found is not None:
                 candidates.append((strategy, round_to, *found))
                 break
@@ -156,6 +166,7 @@ def prune_structured(
     stats.strategy = strategy.name
     stats.candidate_latency_ms = measured
     stats.blocks_dropped = [name for name, _ in dropped_blocks(pruned)]
+    stats.droppable_blocks = len(residual_blocks(model))
     del candidates
     # Torch-Pruning's dependency graphs leave reference cycles over the candidates' weights: 3.3 GB
     # of seed-cnn224 stayed resident until a collection, under the quantization that comes next.
@@ -163,13 +174,9 @@ def prune_structured(
     return pruned, stats
 
 
-# Blocks are dropped, least important first, until they account for this share of the MACs target;
-# the rest comes from channels inside the remaining blocks.
-DEPTH_SHARE = 1.0
-
-
-def _drop_blocks_then_search(model, example, macs_fraction, macs_before, round_to, strategy, ranking_inputs):
-    """Drop the residual blocks that matter least, then cut channels inside the others to the target.
+def _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs) -> nn.Module | None:
+    """A copy of model without the residual blocks that matter least, as many as keep the MACs removed
+    within the target (channels inside the remaining blocks make up the rest); None without any.
 
     Whole blocks take their operators with them: on a CPU, where a narrow convolution costs its
     per-call overhead whatever its width, resnet20 without 4 of its 9 blocks (46% of MACs) runs
@@ -185,17 +192,10 @@ def _drop_blocks_then_search(model, example, macs_fraction, macs_before, round_t
     chosen: list[tuple[str, str]] = []
     for block in sorted(blocks, key=importance.get):
         trial = drop_blocks(_meta_skeleton(model), [*chosen, block])
-        if 1 - count_macs_and_params(trial, shape_only)[0] / macs_before > macs_fraction * DEPTH_SHARE:
+        if 1 - count_macs_and_params(trial, shape_only)[0] / macs_before > macs_fraction:
             break
         chosen.append(block)
-    if not chosen:
-        return None
-    shallower = drop_blocks(copy.deepcopy(model), chosen)
-    macs_shallower = count_macs_and_params(shallower, example)[0]
-    remaining = 1 - (1 - macs_fraction) * macs_before / macs_shallower
-    if remaining < 0.01:
-        return shallower, [], 0.0
-    return _search_ratio(shallower, example, remaining, macs_shallower, round_to, strategy)
+    return drop_blocks(copy.deepcopy(model), chosen) if chosen else None
 
 
 def _block_importance(model: nn.Module, blocks: list[tuple[str, str]], inputs: torch.Tensor) -> dict[tuple[str, str], float]:
