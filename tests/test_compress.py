@@ -409,3 +409,24 @@ def test_the_no_speed_note_points_to_depth_pruning_only_where_blocks_could_go():
     (note,) = _pruning_paid_off(result, unpruned, {"droppable_blocks": 7, "blocks_dropped": ["layers.4"]})
     assert "depth" not in note
     assert _pruning_paid_off({**result, "latency_ms": {1: 0.2, 32: 3.0}}, unpruned, {}) == []
+
+
+def test_a_strategy_torch_pruning_cannot_cut_gives_way_to_the_next_and_none_at_all_is_one_clear_error():
+    import torch
+    import torchvision
+
+    from bmc.compress.prune import prune_structured
+
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 64, 64)
+    # regnet's grouped convolutions defeat block-internal rounding but not uniform pruning.
+    regnet = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+    pruned, stats = prune_structured(regnet, example, 0.5)
+    assert stats.strategy == "uniform" and 0.5 <= stats.macs_removed < 0.65
+    assert "Invalid channel dimensions" in stats.strategies_failed["block-internal channels only"]
+    with torch.no_grad():
+        assert pruned(example).shape == (1, 10)
+    # shufflenet's channel shuffle defeats Torch-Pruning's graph itself (the ZeroDivisionError).
+    with pytest.raises(BmcError, match="ZeroDivisionError.*every strategy.*--prune-method magnitude") as caught:
+        prune_structured(torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval(), example, 0.5)
+    assert "\n" not in str(caught.value)

@@ -44,6 +44,7 @@ class PruneStats:
     candidate_latency_ms: dict = field(default_factory=dict)
     blocks_dropped: list[str] = field(default_factory=list)
     droppable_blocks: int = 0  # residual blocks the model could lose whole (--prune-strategy depth)
+    strategies_failed: dict = field(default_factory=dict)  # strategy -> why Torch-Pruning could not cut it
 
     @property
     def macs_removed(self) -> float:
@@ -64,6 +65,7 @@ class PruneStats:
             "candidate_latency_ms": self.candidate_latency_ms,
             "blocks_dropped": self.blocks_dropped,
             "droppable_blocks": self.droppable_blocks,
+            "strategies_failed": self.strategies_failed,
         }
 
 
@@ -133,29 +135,29 @@ def prune_structured(
     """
     model = model.eval()
     macs_before, params_before = count_macs_and_params(model, example)
-    candidates = []
+    candidates, failed = [], {}
     for strategy in STRATEGIES:
-        start, macs_start = model, macs_before
-        if strategy.drop_blocks:
-            if choose not in ("depth", "fastest"):
-                continue  # ranking blocks costs forward passes: only when depth may be chosen
-            start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs)
-            if start is None:
-                continue
-            macs_start = count_macs_and_params(start, example)[0]
-        # What is left to remove from `start` for the whole model to lose macs_fraction of its MACs.
-        fraction = 1 - (1 - macs_fraction) * macs_before / macs_start
-        for round_to in (ROUND_CHANNELS_TO, None):
-            if start is not model and fraction < 0.01:
-                found = (start, [], 0.0)  # the dropped blocks alone reach the target
-            else:
-                found = _search_ratio(start, example, fraction, macs_start, round_to, strategy)
-            if found is not None:
-                candidates.append((strategy, round_to, *found))
-                break
+        if strategy.drop_blocks and choose not in ("depth", "fastest"):
+            continue  # ranking blocks costs forward passes: only when depth may be chosen
+        try:
+            found = _candidate(model, example, macs_fraction, macs_before, strategy, ranking_inputs)
+        except BmcError as exc:
+            # One strategy's cut can be beyond Torch-Pruning where another's is not (regnet's
+            # grouped convolutions fail block-internal rounding, not uniform): the others remain.
+            failed[strategy.name] = str(exc)
+            continue
+        if found is not None:
+            candidates.append((strategy, *found))
     if not candidates:
-        plan, left_dense = _plan(model, example, 0.95, None, UNIFORM)
-        candidates.append((UNIFORM, None, _pruned_copy(model, example, plan), left_dense, 0.95))
+        try:
+            plan, left_dense = _plan(model, example, 0.95, None, UNIFORM)
+            candidates.append((UNIFORM, None, _pruned_copy(model, example, plan), left_dense, 0.95))
+        except BmcError as exc:
+            reasons = sorted({*failed.values(), str(exc)})
+            raise BmcError(
+                f"{'; '.join(reasons)} (every strategy: Torch-Pruning could not follow this model's channels); "
+                "--prune-method magnitude and --quantize without --prune still apply"
+            ) from None
     measured: dict[str, dict[int, float]] = {}
     if latency_ms is not None and len(candidates) > 1:
         measured = {strategy.name: latency_ms(pruned) for strategy, _, pruned, _, _ in candidates}
@@ -170,11 +172,32 @@ def prune_structured(
     stats.candidate_latency_ms = measured
     stats.blocks_dropped = [name for name, _ in dropped_blocks(pruned)]
     stats.droppable_blocks = len(residual_blocks(model))
+    stats.strategies_failed = failed
     del candidates
     # Torch-Pruning's dependency graphs leave reference cycles over the candidates' weights: 3.3 GB
     # of seed-cnn224 stayed resident until a collection, under the quantization that comes next.
     gc.collect()
     return pruned, stats
+
+
+def _candidate(model, example, macs_fraction, macs_before, strategy, ranking_inputs):
+    """(channels rounded to, pruned copy, layers left dense, channel ratio) for one strategy, or None
+    when it cannot reach the target or does not apply to this model."""
+    start, macs_start = model, macs_before
+    if strategy.drop_blocks:
+        start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs)
+        if start is None:
+            return None
+        macs_start = count_macs_and_params(start, example)[0]
+    # What is left to remove from `start` for the whole model to lose macs_fraction of its MACs.
+    fraction = 1 - (1 - macs_fraction) * macs_before / macs_start
+    for round_to in (ROUND_CHANNELS_TO, None):
+        if start is not model and fraction < 0.01:
+            return None, start, [], 0.0  # the dropped blocks alone reach the target
+        found = _search_ratio(start, example, fraction, macs_start, round_to, strategy)
+        if found is not None:
+            return (round_to, *found)
+    return None
 
 
 def _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs) -> nn.Module | None:
