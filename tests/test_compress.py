@@ -383,9 +383,12 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     from bmc.models.blocks import DroppedBlock
 
     train(TrainConfig(model="resnet20", data=DataConfig(name="synthetic"), epochs=1))
-    report = compress(CompressConfig(prune=0.5, prune_strategy="depth", quantize="none", finetune_epochs=1))
-    prune = next(s for s in report.stages if s["stage"] == "prune")
+    result = run_bmc("compress", "--prune", "0.5", "--prune-strategy", "depth", "--quantize", "none", "--finetune-epochs", "1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((workdir / "runs" / "latest" / "compressed" / "compress_report.json").read_text())
+    prune = next(s for s in report["stages"] if s["stage"] == "prune")
     assert prune["strategy"].startswith("residual blocks dropped") and 0.5 <= prune["macs_removed"] < 0.6
+    assert f"residual blocks dropped whole: {', '.join(prune['blocks_dropped'])}" in result.stdout
     # Each block is about a ninth of resnet20's MACs: up to four go whole, channels make up the rest.
     assert 1 <= len(prune["blocks_dropped"]) <= 4
     model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")

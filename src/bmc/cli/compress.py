@@ -87,6 +87,10 @@ def compress_command(
                 f"after {stage.get('finetune_epochs', 0)} fine-tuning epochs: {stage.get('test_metrics', {})} "
                 f"(original {stage['original_test_metrics']})"
             )
+            if stage.get("blocks_dropped"):
+                typer.echo(f"  residual blocks dropped whole: {', '.join(stage['blocks_dropped'])}")
+            for name, why in stage.get("strategies_failed", {}).items():
+                typer.echo(f"  strategy {name!r} could not be cut here: {why}")
             for step in stage.get("iterations", []):
                 typer.echo(f"  step {step['step']}: {step['macs_removed']:.0%} of MACs removed, {step['finetune_epochs']} epochs, "
                            f"test accuracy {step.get('test_accuracy', float('nan')):.4f}")
