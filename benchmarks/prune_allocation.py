@@ -62,7 +62,7 @@ def prune_by_stage(model, example, residual_keep, internal_keep, dropped=(0, 0, 
     blocks = residual_blocks(model)
     stage_of = {}
     for name, _ in blocks:
-        stage_of.setdefault(dict(model.named_modules())[name].conv2.out_channels, []).append(name)
+        stage_of.setdefault(model.get_submodule(name).conv2.out_channels, []).append(name)
     drop = [name for stage, names in enumerate(stage_of.values()) for name in names[len(names) - dropped[stage]:]]
     model = drop_blocks(model, [b for b in blocks if b[0] in drop])
     graph = tp.DependencyGraph().build_dependency(model, example)

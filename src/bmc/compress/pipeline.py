@@ -10,7 +10,7 @@ import numpy as np
 
 from bmc.artifact import atomic_write_json, resolve_run_dir
 from bmc.compress import REPORT, CompressConfig, CompressReport
-from bmc.compress.quantize import QuantizeConfig, lost_on_accuracy_only, quantize_int8
+from bmc.compress.quantize import QuantizeConfig, calibration_inputs, lost_on_accuracy_only, quantize_int8
 from bmc.errors import UsageError
 
 
@@ -60,7 +60,7 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
     elif config.quantize == "fp16":
         raise UsageError("--quantize fp16 needs a run directory (it re-exports the PyTorch model in half precision)")
 
-    quantization = config.quantization or QuantizeConfig()
+    quantization = config.quantization
     if config.quantize == "int8":
         result = quantize_int8(onnx_path, out_dir, quantization)
         report.stages.append({"stage": "quantize", "method": "int8", **result.to_dict()})
@@ -223,14 +223,14 @@ def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressC
     from bmc.export import ExportConfig, export
 
     half = export(ExportConfig(run_dir=run_dir, fp16=True, out=out_dir / "model-fp16.onnx"))
-    quantization = config.quantization
+    quantization = config.quantization  # always set by run_pipeline, with the run's data set
     judged = judge_fp16(
         fp32_path,
         half.path,
         config.target,
-        max_accuracy_drop_points=quantization.max_accuracy_drop_points if quantization else 1.0,
-        data=quantization.calib_data if quantization else None,
-        data_dir=quantization.calib_data_dir if quantization else None,
+        max_accuracy_drop_points=quantization.max_accuracy_drop_points,
+        data=quantization.calib_data,
+        data_dir=quantization.calib_data_dir,
     )
     report.stages.append({"stage": "quantize", "method": "fp16", **half.summary(), **judged.to_dict()})
     if judged.accepted:
@@ -337,13 +337,15 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         # fine-tunes its share of the epochs before the next step ranks channels again.
         step_epochs = [epochs // steps + (1 if k < epochs % steps else 0) for k in range(steps)]
         current, history = original, []
+        # Depth pruning ranks blocks by what dropping each does to real inputs; drawn once for all steps.
+        ranking_inputs = _ranking_inputs(run_dir / "model.onnx", config.quantization) if config.prune_strategy in ("depth", "fastest") else None
         for step in range(1, steps + 1):
             keep = 1 - config.prune * step / steps
             macs_now = count_macs_and_params(current, example)[0]
             pruned, stats = prune_structured(
                 current, example, max(0.0, 1 - keep * macs_original / macs_now),
                 latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy,
-                ranking_inputs=_ranking_inputs(trained, meta) if config.prune_strategy in ("depth", "fastest") else None,
+                ranking_inputs=ranking_inputs,
             )
             stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
             step_dir = finetune_dir if step == steps else out_dir / f"pruned-step{step}"
@@ -371,20 +373,12 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     return run.run_dir
 
 
-def _ranking_inputs(trained, meta: dict, samples: int = 256):
-    """`samples` training inputs of the run's data set, normalized as training feeds them, drawn with the run's seed."""
+def _ranking_inputs(onnx_path: Path, quantization: QuantizeConfig, samples: int = 256):
+    """`samples` training inputs, preprocessed as the model expects: what depth pruning ranks blocks on."""
     import torch
 
-    from bmc.data import IMAGE, load_dataset
-    from bmc.train.augment import Normalizer
-
-    dataset = load_dataset(trained.data)
-    chosen = np.sort(np.random.default_rng(trained.seed).choice(len(dataset.train_x), size=min(samples, len(dataset.train_x)), replace=False))
-    shape = tuple(meta["model"]["input_shape"])
-    resize_to = shape[1:] if dataset.layout == IMAGE and tuple(dataset.input_shape) != shape else None
-    normalizer = Normalizer(dataset.normalization, dataset.layout == IMAGE, resize_to)
-    with torch.no_grad():
-        return normalizer(torch.from_numpy(dataset.train_x[chosen]))
+    batches, _, _ = calibration_inputs(onnx_path, replace(quantization, calib_samples=samples))
+    return torch.from_numpy(np.concatenate(batches))
 
 
 def _finetune(train, finetune, pruned, teacher, epochs: int, out: Path, stage: dict):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bmc.errors import BmcError
-from bmc.models.blocks import drop_blocks, dropped_blocks
+from bmc.models.blocks import DroppedBlock, drop_blocks, dropped_blocks, replace_module
 
 log = logging.getLogger("bmc")
 
@@ -135,12 +135,13 @@ def prune_structured(
     """
     model = model.eval()
     macs_before, params_before = count_macs_and_params(model, example)
+    blocks = residual_blocks(model)
     candidates, failed = [], {}
     for strategy in STRATEGIES:
         if strategy.drop_blocks and choose not in ("depth", "fastest"):
             continue  # ranking blocks costs forward passes: only when depth may be chosen
         try:
-            found = _candidate(model, example, macs_fraction, macs_before, strategy, ranking_inputs)
+            found = _candidate(model, example, macs_fraction, macs_before, strategy, blocks, ranking_inputs)
         except BmcError as exc:
             # One strategy's cut can be beyond Torch-Pruning where another's is not (regnet's
             # grouped convolutions fail block-internal rounding, not uniform): the others remain.
@@ -167,12 +168,11 @@ def prune_structured(
         candidates.sort(key=lambda c: c[0] != PREFERRED[choose])
     strategy, round_to, pruned, left_dense, ratio = candidates[0]
     macs_after, params_after = count_macs_and_params(pruned, example)
-    stats = PruneStats(macs_before, macs_after, params_before, params_after, ratio, left_dense, round_to or 1)
-    stats.strategy = strategy.name
-    stats.candidate_latency_ms = measured
-    stats.blocks_dropped = [name for name, _ in dropped_blocks(pruned)]
-    stats.droppable_blocks = len(residual_blocks(model))
-    stats.strategies_failed = failed
+    stats = PruneStats(
+        macs_before, macs_after, params_before, params_after, ratio, left_dense, round_to or 1,
+        strategy=strategy.name, candidate_latency_ms=measured, blocks_dropped=[name for name, _ in dropped_blocks(pruned)],
+        droppable_blocks=len(blocks), strategies_failed=failed,
+    )
     del candidates
     # Torch-Pruning's dependency graphs leave reference cycles over the candidates' weights: 3.3 GB
     # of seed-cnn224 stayed resident until a collection, under the quantization that comes next.
@@ -180,12 +180,12 @@ def prune_structured(
     return pruned, stats
 
 
-def _candidate(model, example, macs_fraction, macs_before, strategy, ranking_inputs):
+def _candidate(model, example, macs_fraction, macs_before, strategy, blocks, ranking_inputs):
     """(channels rounded to, pruned copy, layers left dense, channel ratio) for one strategy, or None
     when it cannot reach the target or does not apply to this model."""
     start, macs_start = model, macs_before
     if strategy.drop_blocks:
-        start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs)
+        start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, blocks, ranking_inputs)
         if start is None:
             return None
         macs_start = count_macs_and_params(start, example)[0]
@@ -200,16 +200,15 @@ def _candidate(model, example, macs_fraction, macs_before, strategy, ranking_inp
     return None
 
 
-def _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking_inputs) -> nn.Module | None:
-    """A copy of model without the residual blocks that matter least, as many as keep the MACs removed
-    within the target (channels inside the remaining blocks make up the rest); None without any.
+def _drop_least_important_blocks(model, example, macs_fraction, macs_before, blocks, ranking_inputs) -> nn.Module | None:
+    """A copy of model without the residual blocks (of `blocks`) that matter least, as many as keep the
+    MACs removed within the target (channels inside the remaining blocks make up the rest); None without any.
 
     Whole blocks take their operators with them: on a CPU, where a narrow convolution costs its
     per-call overhead whatever its width, resnet20 without 4 of its 9 blocks (46% of MACs) runs
     1.9x faster in fp32 and 3.3x in int8 at batch 32, against 1.4x and 1.8x for 53% of MACs taken
     from channels (benchmarks/prune_allocation.py).
     """
-    blocks = residual_blocks(model)
     if not blocks:
         return None
     inputs = ranking_inputs if ranking_inputs is not None else torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(0))
@@ -230,16 +229,13 @@ def _block_importance(model: nn.Module, blocks: list[tuple[str, str]], inputs: t
     scores = {}
     with torch.no_grad():
         reference = torch.log_softmax(model(inputs), dim=1)
-        for block in blocks:
-            parent_name, _, child = block[0].rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            original = getattr(parent, child)
-            drop_blocks(model, [block])
+        for name, kind in blocks:
+            original = replace_module(model, name, DroppedBlock(kind))
             try:
                 moved = torch.log_softmax(model(inputs), dim=1)
             finally:
-                setattr(parent, child, original)
-            scores[block] = float(F.kl_div(moved, reference, log_target=True, reduction="batchmean"))
+                replace_module(model, name, original)
+            scores[(name, kind)] = float(F.kl_div(moved, reference, log_target=True, reduction="batchmean"))
     return scores
 
 

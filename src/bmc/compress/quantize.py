@@ -229,6 +229,15 @@ def quantize_like(model_path: Path, target: Path, recipe_name: str, config: Quan
 
 def _prepare(model_path: Path, config: QuantizeConfig, work: Path):
     """(the pre-processed model in work, its input name, calibration batches, the data set's name)."""
+    calibration, input_name, data_name = calibration_inputs(model_path, config)
+    prepared = _pre_process(model_path, work / "preprocessed.onnx")
+    _check_finite_outputs(prepared, input_name, calibration[0], model_path)
+    return prepared, input_name, calibration, data_name
+
+
+def calibration_inputs(model_path: Path, config: QuantizeConfig) -> tuple[list[np.ndarray], str, str]:
+    """config.calib_samples training samples of the model's data set (or config.calib_data), preprocessed
+    as model_path expects, in batches; the model's input name; the data set's name."""
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
     from bmc.bench.model_file import open_model
     from bmc.export.metadata import ModelMetadata
@@ -242,12 +251,7 @@ def _prepare(model_path: Path, config: QuantizeConfig, work: Path):
     model_shape = tuple(metadata.input_shape) or shape
     dataset = load_eval_dataset(data_name, config.calib_data_dir, metadata, model_shape)
     plan = plan_preprocessing(str(model_path), metadata, model_shape, dataset)
-    input_name = model.inputs[0].name
-    del model
-    prepared = _pre_process(model_path, work / "preprocessed.onnx")
-    calibration = calibration_batches(dataset, plan, config.calib_samples, config.seed)
-    _check_finite_outputs(prepared, input_name, calibration[0], model_path)
-    return prepared, input_name, calibration, data_name
+    return calibration_batches(dataset, plan, config.calib_samples, config.seed), model.inputs[0].name, data_name
 
 
 def _measure(model_path: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):

@@ -32,11 +32,17 @@ class DroppedBlock(nn.Module):
 def drop_blocks(model: nn.Module, blocks: list[tuple[str, str]]) -> nn.Module:
     """Replace each named block, (name, "relu" or "identity"), by a DroppedBlock, in place."""
     for name, kind in blocks:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        getattr(parent, child)  # an unknown name fails here, before anything is replaced further
-        setattr(parent, child, DroppedBlock(kind))
+        replace_module(model, name, DroppedBlock(kind))
     return model
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put module where the submodule `name` is, in place; returns the one it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    replaced = getattr(parent, child)  # an unknown name fails here, before anything is replaced
+    setattr(parent, child, module)
+    return replaced
 
 
 def dropped_blocks(model: nn.Module) -> list[list[str]]:
