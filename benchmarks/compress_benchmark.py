@@ -77,11 +77,11 @@ def main() -> None:
         quant_pre_process(str(source), str(prepared))
         entries = [("fp32", source)]
         obvious = scratch / "obvious.onnx"
-        quantize_with_recipe(source, obvious, QuantRecipe("QDQ", "int8", "int8", per_channel=False), input_name, batches, "minmax")
+        quantize_with_recipe(source, obvious, QuantRecipe("QDQ", "int8", "int8", per_channel=False), input_name, batches, "minmax", compact=False)
         entries.append(("quantize_static on the export (QDQ S8S8)", obvious))
         for recipe in plain_grid():
             path = scratch / f"{recipe.name}.onnx"
-            quantize_with_recipe(prepared, path, recipe, input_name, batches, "minmax")
+            quantize_with_recipe(prepared, path, recipe, input_name, batches, "minmax", compact=False)
             entries.append((f"pre-processed {recipe.name}", path))
         chosen = quantize_int8(
             source,

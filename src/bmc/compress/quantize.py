@@ -359,7 +359,8 @@ def sensitive_nodes(prepared: Path, recipe: QuantRecipe, input_name: str, calibr
     samples = int(min(64, max(4, 2_000_000 // max(1, per_sample))))
     batches = [np.concatenate(calibration)[:samples]]
     qdq = work / "scan-qdq.onnx"
-    quantize_with_recipe(prepared, qdq, dataclasses.replace(recipe, quant_format="QDQ"), input_name, batches, method)
+    # compact=False: onnxruntime's activation matching reads the quantizer's own names.
+    quantize_with_recipe(prepared, qdq, dataclasses.replace(recipe, quant_format="QDQ"), input_name, batches, method, compact=False)
     activations = {}
     for name, path in (("float", prepared), ("qdq", qdq)):
         augmented = work / f"scan-{name}-augmented.onnx"
@@ -453,6 +454,7 @@ def quantize_with_recipe(
     method: str,
     nodes_to_exclude: tuple[str, ...] = (),
     ranges_cache: Path | None = None,
+    compact: bool = True,
 ) -> None:
     """onnxruntime's quantize_static with one recipe, calibrated on `batches`; excluded nodes stay in float.
 
@@ -492,6 +494,42 @@ def quantize_with_recipe(
             )
     except Exception as exc:  # onnxruntime's quantizer raises many types
         raise BmcError(f"{source.name}: int8 quantization ({recipe.name}) failed: {_first_line(exc)}") from None
+    if compact:
+        compact_constants(target)
+
+
+def compact_constants(path: Path) -> None:
+    """Rewrite an ONNX file without the bytes that are neither weights nor structure: the shapes
+    inferred for pre-processing (value_info, which onnxruntime infers again) and the quantizer's long
+    names for constants ("/layers/layers.0/conv1/Conv_output_0_zero_point", one per scale, zero point
+    and weight), renamed c0, c1, ... Node and activation names stay, so profiles still name layers.
+
+    On resnet20 those bytes were 5% of the int8 file (304.6 against 289.8 kB): 3.60x smaller than
+    fp32 before, 3.79x after, where 4x is the limit of one byte per weight.
+    """
+    import onnx
+
+    from bmc.artifact import atomic_write_bytes
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if any(c.data_location == onnx.TensorProto.EXTERNAL for c in graph.initializer):
+        return  # weights beside the file (over 2 GB): the names are a rounding error there
+    del graph.value_info[:]
+    # A subgraph (If, Loop) may name an outer constant: renaming is only safe without any.
+    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+    if not has_subgraphs:
+        interface = {v.name for v in (*graph.input, *graph.output)}
+        taken = interface | {c.name for c in graph.initializer} | {name for node in graph.node for name in node.output}
+        renamed = {}
+        for index, constant in enumerate(graph.initializer):
+            short = f"c{index}"
+            if constant.name not in interface and short not in taken:
+                renamed[constant.name] = short
+                constant.name = short
+        for node in graph.node:
+            node.input[:] = [renamed.get(name, name) for name in node.input]
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def _ranges_file(work: Path, method: str) -> Path:
