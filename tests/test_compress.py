@@ -41,6 +41,31 @@ def test_every_candidate_holds_int8_operators_and_the_choice_obeys_the_speed_gua
     assert not (workdir / "q" / ".quantize").exists()
 
 
+def test_compacted_int8_files_compute_the_same_and_keep_layer_names_and_metadata(digits_onnx, workdir):
+    import numpy as np
+    import onnxruntime as ort
+
+    from bmc.compress.quantize import _prepare, quantize_with_recipe
+
+    config = QuantizeConfig(calib_samples=64)
+    prepared, input_name, calibration, _ = _prepare(digits_onnx, config, workdir)
+    recipe = candidate_recipes(["avx512_vnni"])[0]
+    paths = {}
+    for compact in (False, True):
+        paths[compact] = workdir / f"int8-{compact}.onnx"
+        quantize_with_recipe(prepared, paths[compact], recipe, input_name, calibration, "minmax", compact=compact)
+    full, compacted = onnx.load(paths[False]), onnx.load(paths[True])
+    assert not compacted.graph.value_info and full.graph.value_info
+    assert paths[True].stat().st_size < paths[False].stat().st_size
+    assert all(len(c.name) <= 4 for c in compacted.graph.initializer)
+    assert [n.name for n in compacted.graph.node] == [n.name for n in full.graph.node]
+    assert [n.output for n in compacted.graph.node] == [n.output for n in full.graph.node]
+    assert compacted.metadata_props == full.metadata_props
+    batch = np.concatenate(calibration)[:32]
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {input_name: batch})[0] for p in paths.values()]
+    assert np.array_equal(outputs[0], outputs[1])
+
+
 def test_the_fallback_keeps_fp32_when_nothing_meets_the_bar(digits_onnx, workdir):
     report = compress(
         CompressConfig(
@@ -196,6 +221,8 @@ def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
+    with pytest.raises(UsageError, match=r"finetune_lr must be in \(0, 10\]; got -0.1"):
+        CompressConfig(prune=0.5, finetune_lr=-0.1)
     result = run_bmc("compress", "--quantize", "int3", cwd=workdir)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: quantize must be one of auto, none, int8, fp16, qat; got 'int3'"]
 
@@ -383,7 +410,8 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     from bmc.models.blocks import DroppedBlock
 
     train(TrainConfig(model="resnet20", data=DataConfig(name="synthetic"), epochs=1))
-    result = run_bmc("compress", "--prune", "0.5", "--prune-strategy", "depth", "--quantize", "none", "--finetune-epochs", "1", cwd=workdir)
+    result = run_bmc("compress", "--prune", "0.5", "--prune-strategy", "depth", "--quantize", "none", "--finetune-epochs", "1",
+                     "--finetune-lr", "0.03", cwd=workdir)
     assert result.returncode == 0, result.stderr
     report = json.loads((workdir / "runs" / "latest" / "compressed" / "compress_report.json").read_text())
     prune = next(s for s in report["stages"] if s["stage"] == "prune")
@@ -393,6 +421,7 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     assert 1 <= len(prune["blocks_dropped"]) <= 4
     model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")
     assert [name for name, _ in meta["model"]["dropped_blocks"]] == prune["blocks_dropped"]
+    assert meta["config"]["lr"] == 0.03 and meta["config"]["epochs"] == 1
     assert all(isinstance(model.get_submodule(name), DroppedBlock) for name in prune["blocks_dropped"])
     assert len(residual_blocks(model)) == 7 - len(prune["blocks_dropped"])
     with torch.no_grad():

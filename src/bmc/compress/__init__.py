@@ -39,6 +39,7 @@ class CompressConfig:
     prune_strategy: str = "block-internal"
     prune_iterations: int = 1  # gradual pruning: this many prune-then-fine-tune steps
     finetune_epochs: int | None = None
+    finetune_lr: float | None = None  # peak rate of fine-tuning; None: the run's own (a hundredth of it for qat)
     distill: bool = True
     quantize: str = "auto"
     target: str = "cpu"
@@ -59,6 +60,8 @@ class CompressConfig:
             raise UsageError(f"prune_iterations must be in [1, 20]; got {self.prune_iterations!r}")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs <= 1000:
             raise UsageError(f"finetune_epochs must be in [0, 1000]; got {self.finetune_epochs}")
+        if self.finetune_lr is not None and not 0 < self.finetune_lr <= 10:
+            raise UsageError(f"finetune_lr must be in (0, 10]; got {self.finetune_lr}")
         if self.quantize not in QUANTIZATIONS:
             raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
         if self.target not in TARGETS:

@@ -191,7 +191,7 @@ def _qat_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressCo
     factor = 0.01 if trained.optimizer == "sgd" else 0.1
     teacher = model if config.distill else None
     run = train(
-        dataclasses.replace(trained, epochs=epochs, lr=trained.lr * factor, out=qat_dir, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha),
+        dataclasses.replace(trained, epochs=epochs, lr=config.finetune_lr or trained.lr * factor, out=qat_dir, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha),
         initial_model=enable_fake_quant(copy.deepcopy(model)),
         teacher=teacher,
         point_latest=False,
@@ -310,12 +310,13 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     example = torch.zeros(1, *meta["model"]["input_shape"])
     trained = TrainConfig.from_dict(meta["config"])
     epochs = config.finetune_epochs if config.finetune_epochs is not None else FINETUNE_EPOCHS.get(trained.data.name, 5)
-    # SGD restarts at a tenth of the original peak, as the pruned model starts near a good
-    # solution; AdamW's steps are already scale-free and recover best at the original peak
-    # (digits MLP, 20 epochs: 91.9% at a tenth, 93.3% at half, 94.4% at the full rate).
-    factor = 0.1 if trained.optimizer == "sgd" else 1.0
+    # Learning-rate rewinding (Renda et al., 2020): the original run's schedule, peak included,
+    # over the fine-tuning epochs recovers more than a small rate does. Measured against a tenth of
+    # the peak with SGD: resnet20 on CIFAR-10 without 4 blocks, 85.26% against 85.03% after 15
+    # epochs, 83.68% against 83.51% after 5; block-internal, 84.64% against 84.67% after 5; digits,
+    # seeds 1-3, 96.4/98.1/98.1% against 94.7/95.3/97.2%. AdamW: 94.4% against 91.9% (digits MLP).
     finetune = dataclasses.replace(
-        trained, lr=trained.lr * factor, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha
+        trained, lr=config.finetune_lr or trained.lr, kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha
     )
     teacher = original if config.distill else None
     finetune_dir = out_dir / "pruned-run"
