@@ -203,6 +203,22 @@ def test_judge_applies_the_accuracy_budget():
     assert not accepted and reason == "loses 0.83 points (budget 0.3)"
 
 
+def test_a_candidate_within_timing_noise_of_the_fastest_wins_by_a_smaller_file():
+    from bmc.compress.quantize import choose_candidate
+
+    def candidate(recipe, size, b1, b32, drop=0.0):
+        return Candidate(recipe=recipe, path="", size_bytes=size, accuracy=0.85, accuracy_drop_points=drop,
+                         speedup={1: b1, 32: b32}, latency_ms={})
+
+    qdq, qoperator = candidate("QDQ", 162_821, 1.243, 1.679), candidate("QOperator", 148_123, 1.229, 1.688)
+    assert choose_candidate([qdq, qoperator]) is qoperator  # 0.2% slower, 9% smaller
+    much_faster = candidate("QDQ", 162_821, 1.40, 1.90)
+    assert choose_candidate([much_faster, qoperator]) is much_faster  # 12% faster: speed decides
+    same_size = candidate("QOperator-U8U8", 148_123, 1.23, 1.69, drop=0.4)
+    assert choose_candidate([same_size, qoperator]) is qoperator  # same size: the more accurate
+    assert choose_candidate([]) is None
+
+
 def test_recipes_follow_the_cpu():
     with_vnni = candidate_recipes(["avx2", "avx512_vnni"])
     without = candidate_recipes(["avx2", "fma"])
