@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bmc.bench import BenchConfig, bench, describe_model
+from bmc.bench import BenchConfig, bench, bench_rounds, describe_model
 from bmc.bench.accuracy import EVAL_BATCH, bilinear_resize, eval_batch_size
 from bmc.bench.sessions import cuda_works
 from bmc.data import DataConfig
@@ -73,6 +73,21 @@ def test_two_models_side_by_side_with_ratios_against_the_first(models):
     assert report.size_reduction(1) == pytest.approx(mlp.facts.size_bytes / cnn.facts.size_bytes)
     assert mlp.facts.size_bytes == models["mlp"].stat().st_size and 0 < mlp.facts.gzip_bytes < mlp.facts.size_bytes
     assert report.accuracy_change(1) is None  # no --data, no accuracy
+
+
+def test_rounds_keep_each_models_fastest_round_and_the_accuracy_of_the_first(digits_run, tmp_path):
+    onnx_path = digits_run / "runs" / "latest" / "model.onnx"
+    result = run_bmc("bench", str(onnx_path), str(onnx_path), "--rounds", "3", "--iters", "30", "--data", "digits", "--json", cwd=digits_run)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"]["rounds"] == 3
+    single = bench([onnx_path], BenchConfig(batch_sizes=(1, 32), iters=30, data="digits"))
+    for model in report["models"]:
+        assert model["quality"]["accuracy"] == single.models[0].quality.accuracy
+        assert [t["batch_size"] for t in model["timings"]] == [1, 32] and all(t["iterations"] == 30 for t in model["timings"])
+    rounds, fastest = bench_rounds([onnx_path, onnx_path], BenchConfig(batch_sizes=(1,), iters=30), 4)
+    assert rounds.config["rounds"] == 4
+    assert fastest == [{1: model.timing(1).latency_ms_median} for model in rounds.models]
 
 
 def test_digits_accuracy_equals_pytorch_and_the_cli_defaults_to_runs_latest(digits_run):
@@ -278,6 +293,7 @@ def test_no_models_and_no_runs_is_one_line(workdir):
         ({"seconds": 0.0}, "seconds must be in (0, 3600]"),
         ({"threads": 0}, "threads must be in [1, 1024]"),
         ({"cuda_graph": True}, "cuda_graph needs device cuda or auto"),
+        ({"rounds": 0}, "rounds must be in [1, 100]; got 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, fragment):

@@ -15,6 +15,7 @@ def bench_command(
     iters: Optional[int] = typer.Option(None, "--iters", help="Timed runs per batch size (default: about 1 s of runs)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Time each batch size for this long instead of --iters."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs before timing."),
+    rounds: int = typer.Option(1, "--rounds", help="Time all models this many times in turn and keep each one's fastest round (steadier ratios on a busy machine)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: onnxruntime's)."),
     data: Optional[str] = typer.Option(None, "--data", help="Also measure accuracy on this bmc data set's test split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where --data reads from (imagefolder, cifar10, ...)."),
@@ -41,6 +42,7 @@ def bench_command(
         data_dir=data_dir,
         cuda_graph=cuda_graph,
         tensorrt=tensorrt,
+        rounds=rounds,
     )
     if plot_path is not None:
         require_matplotlib()  # before minutes of measuring, not after
