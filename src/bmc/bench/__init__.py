@@ -7,7 +7,7 @@ checks it (external data included) before onnxruntime sees it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,9 +179,7 @@ def _display_names(paths: list[Path]) -> list[str]:
 
 def bench_rounds(paths: list[Path] | tuple[Path, ...], config: BenchConfig, rounds: int = 3) -> tuple[Report, list[dict[int, float]]]:
     """bench() in `rounds` rounds: (the report, each model's best median latency per batch size)."""
-    import dataclasses
-
-    report = bench(paths, dataclasses.replace(config, rounds=rounds))
+    report = bench(paths, replace(config, rounds=rounds))
     return report, _best_medians(report)
 
 
@@ -192,20 +190,16 @@ def _bench_in_rounds(paths: list[Path], config: BenchConfig) -> Report:
     choice made on one pass (resnet20 pruned at batch 32: 1.77-1.82x in one pass of 0.5 s per model,
     1.74-1.77x as the best of 3 rounds; alternating rounds of 0.3 s, 1.77x).
     """
-    import dataclasses
-
-    first = bench(paths, dataclasses.replace(config, rounds=1))
+    first = bench(paths, replace(config, rounds=1))
     fastest = [{t.batch_size: t for t in model.timings} for model in first.models]
-    timing_only = dataclasses.replace(config, rounds=1, data=None, data_dir=None)
+    timing_only = replace(config, rounds=1, data=None, data_dir=None)
     for _ in range(config.rounds - 1):
         for best, model in zip(fastest, bench(paths, timing_only).models):
             for timing in model.timings:
                 if timing.batch_size in best and timing.latency_ms_median < best[timing.batch_size].latency_ms_median:
                     best[timing.batch_size] = timing
-    models = tuple(
-        dataclasses.replace(model, timings=tuple(best[t.batch_size] for t in model.timings)) for model, best in zip(first.models, fastest)
-    )
-    return dataclasses.replace(first, models=models, config=config.to_dict())
+    models = tuple(replace(model, timings=tuple(best[t.batch_size] for t in model.timings)) for model, best in zip(first.models, fastest))
+    return replace(first, models=models, config=config.to_dict())
 
 
 def _best_medians(report: Report) -> list[dict[int, float]]:

@@ -145,17 +145,16 @@ def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressC
     original 6% slower than alternating rounds did (resnet20 depth-pruned at batch 32: 1.88x in one
     pass, 1.77x best-of-rounds in benchmarks/interleaved_speedup.py).
     """
-    from bmc.bench import BenchConfig, bench_rounds
+    from bmc.bench import BenchConfig, bench
     from bmc.bench.sessions import cuda_works
 
     device = "cuda" if config.target == "cuda" and cuda_works() else "cpu"
     paths = [original, *(path for _, path in produced)]
-    measured, best_ms = bench_rounds(
-        paths, BenchConfig(batch_sizes=(1, 32), device=device, seconds=SUMMARY_SECONDS / TIMING_ROUNDS, data=data, data_dir=data_dir),
-        TIMING_ROUNDS,
-    )
+    measured = bench(paths, BenchConfig(
+        batch_sizes=(1, 32), device=device, seconds=SUMMARY_SECONDS / TIMING_ROUNDS, data=data, data_dir=data_dir, rounds=TIMING_ROUNDS,
+    ))
     rows = []
-    for label, model, best in zip(["original", *(label for label, _ in produced)], measured.models, best_ms):
+    for label, model in zip(["original", *(label for label, _ in produced)], measured.models):
         facts = model.facts
         rows.append({
             "stage": label,
@@ -167,7 +166,7 @@ def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressC
             "gzip_bytes": facts.gzip_bytes,
             "weight_sparsity": facts.weight_sparsity,
             "accuracy": model.quality.accuracy if model.quality else None,
-            "latency_ms": {batch_size: round(ms, 4) for batch_size, ms in best.items()},
+            "latency_ms": {t.batch_size: round(t.latency_ms_median, 4) for t in model.timings},
         })
     first = rows[0]
     for row in rows:

@@ -118,6 +118,11 @@ class Candidate:
     accepted: bool = False
     reason: str = ""
 
+    @property
+    def mean_speedup(self) -> float:
+        """The geometric mean of the speed-ups over the timed batch sizes."""
+        return math.prod(self.speedup.values()) ** (1 / len(self.speedup))
+
 
 @dataclass
 class QuantizeResult:
@@ -156,13 +161,9 @@ def choose_candidate(accepted: list[Candidate]) -> Candidate | None:
     at 162.8 kB where QOperator's 148.1 kB was as fast)."""
     if not accepted:
         return None
-
-    def speed(candidate: Candidate) -> float:
-        return math.prod(candidate.speedup.values()) ** (1 / len(candidate.speedup))
-
-    fastest = max(speed(c) for c in accepted)
-    near = [c for c in accepted if speed(c) >= fastest * (1 - SPEED_TIE)]
-    return min(near, key=lambda c: (c.size_bytes, c.accuracy_drop_points or 0.0, -speed(c)))
+    fastest = max(c.mean_speedup for c in accepted)
+    near = [c for c in accepted if c.mean_speedup >= fastest * (1 - SPEED_TIE)]
+    return min(near, key=lambda c: (c.size_bytes, c.accuracy_drop_points or 0.0, -c.mean_speedup))
 
 
 def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, baseline_path: Path | None = None) -> QuantizeResult:
@@ -330,7 +331,7 @@ def _accuracy_fallback(model_path, prepared, recipes, candidates, input_name, ca
     fast_enough = [c for c in candidates if _fast_enough(c, config)]
     if not fast_enough:
         return [], ""
-    best = max(fast_enough, key=lambda c: math.prod(c.speedup.values()))
+    best = max(fast_enough, key=lambda c: c.mean_speedup)
     recipe = recipes[best.recipe]
     labelled = []
     other_method = "percentile" if config.calib_method != "percentile" else "entropy"
