@@ -1,9 +1,10 @@
 """Experiment: `bmc compress --prune-strategy depth` with the residual blocks dropped in an order given by hand.
 
-Depth pruning ranks blocks by the KL divergence their absence causes before any fine-tuning. This
-harness replaces only that ranking (the blocks go in --order, as many as the MACs target allows,
-then channels as usual) and runs the real pipeline, so two orders can be compared by accuracy
-after fine-tuning and by speed.
+Depth pruning ranks blocks by the KL divergence their absence causes before any fine-tuning, per
+millisecond of their kernels' time. This harness replaces only that order (the blocks go in
+--order, as many as the MACs target allows, then channels as usual; the measured ranking is
+printed) and runs the real pipeline, so two orders can be compared by accuracy after fine-tuning
+and by speed.
 
     python benchmarks/depth_block_order.py --run RUN_DIR --order layers.4,layers.5,layers.2,layers.0,layers.7,layers.1,layers.8 --finetune-epochs 15
 """
@@ -33,17 +34,17 @@ def main() -> None:
     args = parser.parse_args()
     order = args.order.split(",")
 
-    measured = prune._block_importance
+    measured = prune._rank_blocks
 
-    def ranked_by_hand(model, blocks, inputs):
-        kl = measured(model, blocks, inputs)
-        missing = [name for name, _ in blocks if name not in order]
+    def ranked_by_hand(model, example, blocks, ranking_inputs, block_time_ms):
+        ranking = measured(model, example, blocks, ranking_inputs, block_time_ms)
+        missing = [block.name for block in ranking if block.name not in order]
         if missing:
             raise SystemExit(f"error: --order leaves out the droppable blocks {', '.join(missing)}")
-        print("KL when dropped alone:", {name: round(value, 4) for (name, _), value in kl.items()})
-        return {block: float(order.index(block[0])) for block in kl}
+        print("bmc's ranking (KL when dropped alone, ms):", [(b.name, round(b.prediction_shift, 4), b.time_ms) for b in ranking])
+        return sorted(ranking, key=lambda block: order.index(block.name))
 
-    prune._block_importance = ranked_by_hand
+    prune._rank_blocks = ranked_by_hand
     began = time.perf_counter()
     report = compress(CompressConfig(
         source=args.run, prune=args.prune, prune_strategy="depth", quantize="int8",

@@ -1,8 +1,8 @@
 """Distillation's worth after pruning: the same pruned model fine-tuned with and without the unpruned teacher.
 
-    python benchmarks/distill_compare.py --run RUN_DIR [--prune 0.5] [--finetune-epochs 15]
+    python benchmarks/distill_compare.py --run RUN_DIR [--prune 0.5] [--prune-strategy depth] [--finetune-epochs 15]
 
-Both arms prune the run's model identically (L1 structured, uniform), fine-tune for the same epochs
+Both arms prune the run's model identically (bmc compress's --prune-strategy), fine-tune for the same epochs
 from the same seed; the only difference is Hinton's loss against the original model. Reports each
 arm's test accuracy and the difference, in one run.
 """
@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a trained bmc run directory")
     parser.add_argument("--prune", type=float, default=0.5)
+    parser.add_argument("--prune-strategy", default="depth", help="as bmc compress --prune-strategy")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--work", type=Path, default=None, help="where the two arms write (default: RUN/distill-compare)")
     parser.add_argument("--out", type=Path, default=None)
@@ -33,7 +34,7 @@ def main() -> None:
     for distill in (True, False):
         began = time.perf_counter()
         report = compress(CompressConfig(
-            source=args.run, prune=args.prune, finetune_epochs=args.finetune_epochs, distill=distill, quantize="none",
+            source=args.run, prune=args.prune, prune_strategy=args.prune_strategy, finetune_epochs=args.finetune_epochs, distill=distill, quantize="none",
             out=work / ("distilled" if distill else "plain"),
         ))
         stage = next(s for s in report.stages if s["stage"] == "prune")

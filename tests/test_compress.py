@@ -366,7 +366,7 @@ def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights(
     torch.manual_seed(0)
     model = create_model("resnet20", (3, 32, 32), 10).eval()
     example = torch.randn(4, 3, 32, 32)
-    pruned, stats = prune_structured(model, example[:1], 0.5)
+    pruned, stats = prune_structured(model, example[:1], 0.5, choose="block-internal")
     assert stats.strategy == "block-internal channels only" and 0.5 <= stats.macs_removed < 0.6
     for (name, before), after in zip(
         ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)),
@@ -435,6 +435,12 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     assert f"residual blocks dropped whole: {', '.join(prune['blocks_dropped'])}" in result.stdout
     # Each block is about a ninth of resnet20's MACs: up to four go whole, channels make up the rest.
     assert 1 <= len(prune["blocks_dropped"]) <= 4
+    # Blocks go cheapest first, by their prediction shift per millisecond their kernels took in onnxruntime.
+    ranking = prune["block_ranking"]
+    assert len(ranking) == 7 and all(r["time_ms"] > 0 for r in ranking)
+    assert {r["block"] for r in ranking[: len(prune["blocks_dropped"])]} == set(prune["blocks_dropped"])
+    costs = [r["prediction_shift_kl"] / r["time_ms"] for r in ranking]
+    assert costs == sorted(costs) or max(abs(a - b) for a, b in zip(costs, sorted(costs))) < 1e-3
     model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")
     assert [name for name, _ in meta["model"]["dropped_blocks"]] == prune["blocks_dropped"]
     assert meta["config"]["lr"] == 0.03 and meta["config"]["epochs"] == 1
@@ -442,6 +448,48 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     assert len(residual_blocks(model)) == 7 - len(prune["blocks_dropped"])
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_depth_pruning_drops_the_blocks_that_cost_least_per_millisecond_they_save():
+    import torch
+
+    from bmc.compress.prune import prune_structured
+    from bmc.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", input_shape=(3, 32, 32), num_classes=10).eval()
+    for module in model.modules():  # resnet20 starts each residual branch at zero: give every block a say
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    example = torch.zeros(1, 3, 32, 32)
+    _, by_macs = prune_structured(model, example, 0.2, choose="depth")
+    first = by_macs.block_ranking[-1]["block"]  # the block whose loss moves the predictions most
+    # The same model where that block's kernels take 100x the time of the others: it goes first.
+    slow = lambda m, scopes: {name: 100.0 if name == first else 1.0 for name in scopes}
+    _, by_time = prune_structured(model, example, 0.2, choose="depth", block_time_ms=slow)
+    assert first in by_time.blocks_dropped and by_time.block_ranking[0] == {**by_macs.block_ranking[-1], "time_ms": 100.0}
+    assert first not in by_macs.blocks_dropped and all(r["time_ms"] is None for r in by_macs.block_ranking)
+    # A block the profile could not place is not taken for free: the ranking falls back to MACs.
+    partial = lambda m, scopes: {name: 100.0 for name in scopes if name != first}
+    _, fallback = prune_structured(model, example, 0.2, choose="depth", block_time_ms=partial)
+    assert fallback.blocks_dropped == by_macs.blocks_dropped and fallback.block_ranking[0]["time_ms"] is None
+
+
+def test_profiled_kernel_times_fall_under_each_residual_blocks_scope(workdir):
+    import torch
+
+    from bmc.bench.profile import node_times_ms, scope_times_ms
+    from bmc.export import DEFAULT_OPSET
+    from bmc.export.onnx_export import torch_to_onnx
+    from bmc.models import create_model
+
+    path = workdir / "resnet20.onnx"
+    torch_to_onnx(create_model("resnet20", input_shape=(3, 32, 32), num_classes=10).eval(), torch.zeros(1, 3, 32, 32), path, DEFAULT_OPSET)
+    times = node_times_ms(path, batch_size=4, iterations=3)
+    scopes = scope_times_ms(times, [f"layers.{i}" for i in range(9)])
+    assert all(ms > 0 for ms in scopes.values())
+    assert sum(scopes.values()) < sum(times.values())  # the stem and the classifier are outside every block
+    assert scope_times_ms(times, ["layers.1"])["layers.1"] != scope_times_ms(times, ["layers.10"])["layers.10"] == 0
 
 
 def test_the_no_speed_note_points_to_depth_pruning_only_where_blocks_could_go():
@@ -469,7 +517,7 @@ def test_a_strategy_torch_pruning_cannot_cut_gives_way_to_the_next_and_none_at_a
     example = torch.randn(1, 3, 64, 64)
     # regnet's grouped convolutions defeat block-internal rounding but not uniform pruning.
     regnet = torchvision.models.regnet_x_400mf(num_classes=10).eval()
-    pruned, stats = prune_structured(regnet, example, 0.5)
+    pruned, stats = prune_structured(regnet, example, 0.5, choose="block-internal")
     assert stats.strategy == "uniform" and 0.5 <= stats.macs_removed < 0.65
     assert "Invalid channel dimensions" in stats.strategies_failed["block-internal channels only"]
     with torch.no_grad():

@@ -14,8 +14,8 @@ def compress_command(
     prune: float = typer.Option(0.0, "--prune", help="Fraction of multiply-accumulates to remove (0.5 = half the MACs)."),
     prune_method: str = typer.Option("l1-structured", "--prune-method", help="l1-structured (channels removed) or magnitude (weights zeroed)."),
     prune_strategy: str = typer.Option(
-        "block-internal", "--prune-strategy",
-        help="block-internal (residual streams keep their width; uniform elsewhere), depth (least important residual blocks dropped first, then block-internal), uniform (every layer alike) or fastest (lowest measured latency).",
+        "depth", "--prune-strategy",
+        help="depth (the residual blocks that cost least per millisecond saved go whole, then block-internal), block-internal (residual streams keep their width; uniform where a model has none), uniform (every layer alike) or fastest (lowest measured latency).",
     ),
     prune_iterations: int = typer.Option(1, "--prune-iterations", help="Prune gradually: this many prune-then-fine-tune steps."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning, over all steps (default per data set)."),

@@ -34,9 +34,10 @@ class CompressConfig:
     source: Path | None = None
     prune: float = 0.0
     prune_method: str = "l1-structured"
-    # block-internal: residual streams keep their width (uniform where a model has none); uniform:
-    # every layer by the same ratio; fastest: the candidate with the lowest measured latency.
-    prune_strategy: str = "block-internal"
+    # depth: the residual blocks that cost least per millisecond they save go whole, then channels
+    # inside the remaining blocks (block-internal where none can go, uniform where a model has no
+    # residual streams); uniform: every layer by the same ratio; fastest: the lowest measured latency.
+    prune_strategy: str = "depth"
     prune_iterations: int = 1  # gradual pruning: this many prune-then-fine-tune steps
     finetune_epochs: int | None = None
     finetune_lr: float | None = None  # peak rate of fine-tuning; None: the run's own (a hundredth of it for qat)

@@ -312,7 +312,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
 
     from bmc.checkpoint import load_model
     from bmc.compress import FINETUNE_EPOCHS
-    from bmc.compress.prune import count_macs_and_params, prune_magnitude, prune_structured
+    from bmc.compress.prune import count_macs_and_params, prune_magnitude, prune_structured, residual_blocks
     from bmc.train import TrainConfig, train
 
     original, meta = load_model(run_dir)
@@ -348,14 +348,17 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         step_epochs = [epochs // steps + (1 if k < epochs % steps else 0) for k in range(steps)]
         current, history = original, []
         # Depth pruning ranks blocks by what dropping each does to real inputs; drawn once for all steps.
-        ranking_inputs = _ranking_inputs(run_dir / "model.onnx", config.quantization) if config.prune_strategy in ("depth", "fastest") else None
+        ranking_inputs = (
+            _ranking_inputs(run_dir / "model.onnx", config.quantization)
+            if config.prune_strategy in ("depth", "fastest") and residual_blocks(original) else None
+        )
         for step in range(1, steps + 1):
             keep = 1 - config.prune * step / steps
             macs_now = count_macs_and_params(current, example)[0]
             pruned, stats = prune_structured(
                 current, example, max(0.0, 1 - keep * macs_original / macs_now),
                 latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy,
-                ranking_inputs=ranking_inputs,
+                ranking_inputs=ranking_inputs, block_time_ms=lambda m, scopes: _onnx_scope_times_ms(m, example, scopes),
             )
             stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
             step_dir = finetune_dir if step == steps else out_dir / f"pruned-step{step}"
@@ -403,6 +406,21 @@ def _finetune(train, finetune, pruned, teacher, epochs: int, out: Path, stage: d
     run = train(dataclasses.replace(finetune, epochs=1, lr=1e-9, out=out), initial_model=pruned, point_latest=False)
     stage.update(finetune_epochs=0)
     return run
+
+
+def _onnx_scope_times_ms(model, example, scopes: list[str], batch_size: int = 32) -> dict[str, float]:
+    """The kernel time of each module scope (a residual block's name) in onnxruntime on this CPU at
+    batch_size, from one profiled session: what dropping that block saves."""
+    import tempfile
+
+    from bmc.bench.profile import node_times_ms, scope_times_ms
+    from bmc.export import DEFAULT_OPSET
+    from bmc.export.onnx_export import torch_to_onnx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "model.onnx"
+        torch_to_onnx(model.eval(), example, path, DEFAULT_OPSET)
+        return scope_times_ms(node_times_ms(path, batch_size), scopes)
 
 
 def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, seconds: float = 0.2) -> dict[int, float]:

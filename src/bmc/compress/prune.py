@@ -45,6 +45,7 @@ class PruneStats:
     blocks_dropped: list[str] = field(default_factory=list)
     droppable_blocks: int = 0  # residual blocks the model could lose whole (--prune-strategy depth)
     strategies_failed: dict = field(default_factory=dict)  # strategy -> why Torch-Pruning could not cut it
+    block_ranking: list[dict] = field(default_factory=list)  # each droppable block's cost and time, in drop order
 
     @property
     def macs_removed(self) -> float:
@@ -66,6 +67,7 @@ class PruneStats:
             "blocks_dropped": self.blocks_dropped,
             "droppable_blocks": self.droppable_blocks,
             "strategies_failed": self.strategies_failed,
+            "block_ranking": self.block_ranking,
         }
 
 
@@ -99,13 +101,13 @@ DEPTH = Strategy("residual blocks dropped, then block-internal channels", keep_r
 # --prune-strategy NAME -> the strategy preferred where it is a candidate (else the next in STRATEGIES).
 PREFERRED = {"depth": DEPTH, "block-internal": BLOCK_INTERNAL, "uniform": UNIFORM}
 STRATEGIES = (
-    # First and the default where a model has residual additions: resnet20, 53% of MACs removed,
-    # 5 distilled epochs: 84.67% like uniform pruning (55%), and 1.43x instead of 1.21x in fp32 at
-    # batch 32, 2.02x instead of 1.70x in int8 (benchmarks/prune_allocation.py).
+    # Where no residual block can go, depth falls back to this: the streams that additions join keep
+    # their width. resnet20, 53% of MACs removed, 5 distilled epochs: 84.67% like uniform pruning
+    # (55%), and 1.43x instead of 1.21x in fp32 at batch 32, 2.02x instead of 1.70x in int8
+    # (benchmarks/prune_allocation.py).
     BLOCK_INTERNAL,
-    # Faster still for a little more accuracy: resnet20, 51% of MACs, 15 distilled epochs: 85.03%
-    # against block-internal's 85.63%, 1.88x against 1.42x in fp32 and 3.20x against 1.88x in int8
-    # at batch 32 (BENCHMARKS.md).
+    # The default: resnet20, 50% of MACs, 15 distilled epochs: 86.29% against block-internal's
+    # 85.70%, 1.90x against 1.35x in fp32 and 3.52x against 1.95x in int8 at batch 32 (BENCHMARKS.md).
     DEPTH,
     UNIFORM,
     Strategy("uniform, narrow layers kept", keep_narrow_layers=True),
@@ -118,16 +120,18 @@ def prune_structured(
     example: torch.Tensor,
     macs_fraction: float,
     latency_ms: Callable[[nn.Module], dict[int, float]] | None = None,
-    choose: str = "block-internal",
+    choose: str = "depth",
     ranking_inputs: torch.Tensor | None = None,
+    block_time_ms: Callable[[nn.Module, list[str]], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, PruneStats]:
     """A copy of model with about macs_fraction of its MACs removed by L1-ranked channels; the original is untouched.
 
     Each strategy that reaches the MACs target is a candidate, timed with `latency_ms` (the model's
-    latency per batch size on the target) when given. choose="block-internal" keeps the residual
-    streams whole where the model has them (else uniform), choose="depth" first drops the residual
+    latency per batch size on the target) when given. choose="depth" first drops the residual
     blocks whose absence changes the outputs on `ranking_inputs` least (real training inputs; random
-    ones when not given), choose="uniform" cuts every layer by the same ratio (the gentlest elsewhere:
+    ones when not given) for the time each saves (`block_time_ms`: each block's time on the target;
+    MACs when not given), then goes on as block-internal; choose="block-internal" keeps the residual
+    streams whole where the model has them (else uniform), choose="uniform" cuts every layer by the same ratio (the gentlest elsewhere:
     on resnet20 -1.9 points after 5 fine-tuning epochs against -7.7 for the fastest),
     choose="fastest" the fastest as measured. Channel counts are multiples of 8 where that can
     reach the target; layers too narrow for it (the documents' 6- and 16-channel CNN) fall back to
@@ -136,12 +140,14 @@ def prune_structured(
     model = model.eval()
     macs_before, params_before = count_macs_and_params(model, example)
     blocks = residual_blocks(model)
+    # Ranking blocks costs forward passes: only when depth may be chosen.
+    ranking = _rank_blocks(model, example, blocks, ranking_inputs, block_time_ms) if blocks and choose in ("depth", "fastest") else []
     candidates, failed = [], {}
     for strategy in STRATEGIES:
-        if strategy.drop_blocks and choose not in ("depth", "fastest"):
-            continue  # ranking blocks costs forward passes: only when depth may be chosen
+        if strategy.drop_blocks and not ranking:
+            continue
         try:
-            found = _candidate(model, example, macs_fraction, macs_before, strategy, blocks, ranking_inputs)
+            found = _candidate(model, example, macs_fraction, macs_before, strategy, ranking)
         except BmcError as exc:
             # One strategy's cut can be beyond Torch-Pruning where another's is not (regnet's
             # grouped convolutions fail block-internal rounding, not uniform): the others remain.
@@ -171,7 +177,7 @@ def prune_structured(
     stats = PruneStats(
         macs_before, macs_after, params_before, params_after, ratio, left_dense, round_to or 1,
         strategy=strategy.name, candidate_latency_ms=measured, blocks_dropped=[name for name, _ in dropped_blocks(pruned)],
-        droppable_blocks=len(blocks), strategies_failed=failed,
+        droppable_blocks=len(blocks), strategies_failed=failed, block_ranking=[r.to_dict() for r in ranking],
     )
     del candidates
     # Torch-Pruning's dependency graphs leave reference cycles over the candidates' weights: 3.3 GB
@@ -180,12 +186,12 @@ def prune_structured(
     return pruned, stats
 
 
-def _candidate(model, example, macs_fraction, macs_before, strategy, blocks, ranking_inputs):
+def _candidate(model, example, macs_fraction, macs_before, strategy, ranking):
     """(channels rounded to, pruned copy, layers left dense, channel ratio) for one strategy, or None
     when it cannot reach the target or does not apply to this model."""
     start, macs_start = model, macs_before
     if strategy.drop_blocks:
-        start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, blocks, ranking_inputs)
+        start = _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking)
         if start is None:
             return None
         macs_start = count_macs_and_params(start, example)[0]
@@ -200,26 +206,70 @@ def _candidate(model, example, macs_fraction, macs_before, strategy, blocks, ran
     return None
 
 
-def _drop_least_important_blocks(model, example, macs_fraction, macs_before, blocks, ranking_inputs) -> nn.Module | None:
-    """A copy of model without the residual blocks (of `blocks`) that matter least, as many as keep the
-    MACs removed within the target (channels inside the remaining blocks make up the rest); None without any.
+@dataclass(frozen=True)
+class BlockRank:
+    """One residual block as depth pruning weighs it: what dropping it alone does to the model's
+    predictions (mean KL divergence from the full model's), against what it saves."""
+
+    name: str
+    kind: str
+    prediction_shift: float
+    macs: int
+    time_ms: float | None  # its kernels' time on the target; None where not measured
+
+    @property
+    def cost(self) -> float:
+        saved = self.time_ms if self.time_ms is not None else self.macs
+        return self.prediction_shift / saved if saved > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        return {"block": self.name, "prediction_shift_kl": round(self.prediction_shift, 4), "macs": self.macs,
+                "time_ms": None if self.time_ms is None else round(self.time_ms, 4)}
+
+
+def _rank_blocks(model, example, blocks, ranking_inputs, block_time_ms) -> list[BlockRank]:
+    """The droppable blocks, cheapest to lose first: the least prediction shift per millisecond
+    saved on the target (per MAC without timings).
+
+    Per MAC alone, resnet20's blocks all cost the same (4.7 M MACs each) and the KL order dropped
+    two of stage 3's; per measured time, a stage-1 block (1.2 ms at batch 32 against 0.74) goes
+    instead of stage 3's second: 86.29% against 85.26% after the same 15 epochs, 1.94x against
+    1.76x faster in fp32 at batch 32 (benchmarks/depth_block_order.py).
+    """
+    inputs = ranking_inputs if ranking_inputs is not None else torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    importance = _block_importance(model, blocks, inputs)
+    times = block_time_ms(model, [name for name, _ in blocks]) if block_time_ms is not None else {}
+    if times and min(times.get(name, 0.0) for name, _ in blocks) <= 0:
+        # A block the profile cannot place (a scope the exporter named otherwise) would look free
+        # to drop: rank them all by MACs instead of mixing the two measures.
+        log.info("depth pruning: no kernel time found for some blocks; ranking them by MACs")
+        times = {}
+    shape_only = example.to("meta")
+    macs_full = count_macs_and_params(_meta_skeleton(model), shape_only)[0]
+    ranking = []
+    for name, kind in blocks:
+        without = drop_blocks(_meta_skeleton(model), [(name, kind)])
+        saved = macs_full - count_macs_and_params(without, shape_only)[0]
+        ranking.append(BlockRank(name, kind, importance[(name, kind)], saved, times.get(name)))
+    return sorted(ranking, key=lambda block: block.cost)
+
+
+def _drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking: list[BlockRank]) -> nn.Module | None:
+    """A copy of model without the cheapest residual blocks of `ranking`, as many as keep the MACs
+    removed within the target (channels inside the remaining blocks make up the rest); None without any.
 
     Whole blocks take their operators with them: on a CPU, where a narrow convolution costs its
     per-call overhead whatever its width, resnet20 without 4 of its 9 blocks (46% of MACs) runs
     1.9x faster in fp32 and 3.3x in int8 at batch 32, against 1.4x and 1.8x for 53% of MACs taken
     from channels (benchmarks/prune_allocation.py).
     """
-    if not blocks:
-        return None
-    inputs = ranking_inputs if ranking_inputs is not None else torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    importance = _block_importance(model, blocks, inputs)
     shape_only = example.to("meta")
     chosen: list[tuple[str, str]] = []
-    for block in sorted(blocks, key=importance.get):
-        trial = drop_blocks(_meta_skeleton(model), [*chosen, block])
+    for block in ranking:
+        trial = drop_blocks(_meta_skeleton(model), [*chosen, (block.name, block.kind)])
         if 1 - count_macs_and_params(trial, shape_only)[0] / macs_before > macs_fraction:
             break
-        chosen.append(block)
+        chosen.append((block.name, block.kind))
     return drop_blocks(copy.deepcopy(model), chosen) if chosen else None
 
 
@@ -252,8 +302,9 @@ def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy
     ratio = min(high, 1 - math.sqrt(max(0.0, 1 - macs_fraction)))
     best = None
     shape_only = example.to("meta")
+    scores: dict = {}  # each group's channel order, the same at every step: the weights do not change
     for _ in range(SEARCH_STEPS):
-        plan, left_dense = _plan(model, example, ratio, round_to, strategy)
+        plan, left_dense = _plan(model, example, ratio, round_to, strategy, scores)
         if plan is None:
             return None  # no residual streams: the strategy is uniform's
         skeleton = _apply_plan(_meta_skeleton(model), shape_only, plan)
@@ -276,8 +327,11 @@ def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy
 PrunePlan = list[tuple[str, Callable, list[int]]]
 
 
-def _plan(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy) -> tuple[PrunePlan | None, list[str]]:
+def _plan(
+    model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, scores: dict | None = None
+) -> tuple[PrunePlan | None, list[str]]:
     """Which channels go at this ratio, ranked by L1 norm on the model's weights; the model is untouched.
+    `scores` keeps each group's channel ranking between calls on the same model.
 
     None for a strategy that keeps residual streams on a model without any.
     """
@@ -299,7 +353,9 @@ def _plan(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_t
             ignored_layers=ignored,
             # Torch-Pruning rounds kept channels down and skips a group that would round to none,
             # which made MACs fall and rise again with the ratio once the residual streams are
-            # kept; that strategy rounds to the nearest multiple itself.
+            # kept; that strategy rounds to the nearest multiple itself. Elsewhere rounding down
+            # stays: nearest rounding everywhere cut the digits CNN's 16-channel layer to 8 and
+            # cost 1.1 points (3.6 in 3 gradual steps) after the same fine-tuning.
             round_to=None if strategy.keep_residual_channels else round_to,
             global_pruning=strategy.global_ranking,
         )
@@ -311,7 +367,7 @@ def _plan(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_t
                 continue
             indices = list(group[0].idxs)
             if strategy.keep_residual_channels and round_to:
-                indices = _rounded_selection(pruner.DG, group, importance, round_to)
+                indices = _rounded_selection(pruner.DG, group, importance, round_to, {} if scores is None else scores)
             if indices:
                 plan.append((names[group[0].dep.target.module], group[0].dep.handler, indices))
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
@@ -322,8 +378,12 @@ def _plan(model: nn.Module, example: torch.Tensor, channel_ratio: float, round_t
     return plan, [names[m] for m in ignored]
 
 
-def _rounded_selection(graph, group, importance, round_to: int) -> list[int]:
-    """The group's lowest-L1 channels, as many as leave the kept count at the nearest multiple of round_to."""
+def _rounded_selection(graph, group, importance, round_to: int, scores: dict) -> list[int]:
+    """The group's lowest-L1 channels, as many as leave the kept count at the nearest multiple of round_to.
+
+    A group's scores read all its weights (a wide classifier's, and as much again in temporaries):
+    computed once per group and kept in `scores` across the ratio search.
+    """
     root, pruning_fn = group[0].dep.target.module, group[0].dep.handler
     channels = graph.get_out_channels(root)
     if channels <= round_to:
@@ -331,8 +391,10 @@ def _rounded_selection(graph, group, importance, round_to: int) -> list[int]:
     keep = max(round_to, int((channels - len(group[0].idxs)) / round_to + 0.5) * round_to)
     if keep >= channels:
         return []
-    scores = importance(graph.get_pruning_group(root, pruning_fn, list(range(channels))))
-    return sorted(torch.argsort(scores)[: channels - keep].tolist())
+    key = (id(root), getattr(pruning_fn, "__name__", str(pruning_fn)))
+    if key not in scores:
+        scores[key] = torch.argsort(importance(graph.get_pruning_group(root, pruning_fn, list(range(channels)))))
+    return sorted(scores[key][: channels - keep].tolist())
 
 
 def _joins_outputs(group) -> bool:
