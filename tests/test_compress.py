@@ -522,7 +522,48 @@ def test_a_strategy_torch_pruning_cannot_cut_gives_way_to_the_next_and_none_at_a
     assert "Invalid channel dimensions" in stats.strategies_failed["block-internal channels only"]
     with torch.no_grad():
         assert pruned(example).shape == (1, 10)
-    # shufflenet's channel shuffle defeats Torch-Pruning's graph itself (the ZeroDivisionError).
-    with pytest.raises(BmcError, match="ZeroDivisionError.*every strategy.*--prune-method magnitude") as caught:
-        prune_structured(torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval(), example, 0.5)
+    # Channel shuffles between layers of the model itself defeat Torch-Pruning's graph, and no part
+    # of the model holds a layer whose channels could go alone.
+    shuffle = torchvision.models.shufflenetv2.channel_shuffle
+
+    class Shuffled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.first, self.second = (torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                                  torch.nn.Conv2d(8, 8, 3, padding=1))
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for conv in (self.first, self.second):
+                kept, changed = x.chunk(2, dim=1)
+                x = shuffle(torch.cat((kept, conv(changed)), dim=1), 2)
+            return self.head(x.mean((2, 3)))
+
+    with pytest.raises(BmcError, match="no channel could go.*every strategy.*--prune-method magnitude") as caught:
+        prune_structured(Shuffled().eval(), example, 0.5)
     assert "\n" not in str(caught.value)
+
+
+def test_shufflenet_is_pruned_inside_its_blocks_where_its_channel_shuffle_breaks_the_models_graph():
+    import torch
+    import torchvision
+
+    from bmc.compress.prune import PARTS, prune_structured
+
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 64, 64)
+    model = torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval()
+    blocks = {name: block for name, block in model.named_modules() if type(block).__name__ == "InvertedResidual"}
+    widths = {name: block.branch2[-3].out_channels for name, block in blocks.items()}
+    pruned, stats = prune_structured(model, example[:1], 0.5)
+    # The ZeroDivisionError in every whole-model strategy; then one graph per block.
+    assert stats.strategy == PARTS.name and "ZeroDivisionError" in stats.strategies_failed["uniform"]
+    assert 0.5 <= stats.macs_removed < 0.6 and stats.left_dense == ["fc"]
+    for name, width in widths.items():
+        branch = pruned.get_submodule(name).branch2
+        assert branch[-3].out_channels == width  # each block's outputs keep their width: the shuffle needs them
+        assert branch[0].out_channels < branch[-3].in_channels + 1 and branch[0].out_channels % 8 == 0
+        assert branch[0].out_channels < model.get_submodule(name).branch2[0].out_channels
+    with torch.no_grad():
+        assert pruned(example).shape == (2, 10)

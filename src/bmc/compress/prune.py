@@ -90,6 +90,7 @@ class Strategy:
     keep_residual_channels: bool = False
     global_ranking: bool = False
     drop_blocks: bool = False
+    by_parts: bool = False  # one graph per traceable part, where the model's own graph cannot be built
 
 
 # Narrow convolutions are dominated by per-operator overhead on a CPU, not by arithmetic: removing
@@ -99,6 +100,7 @@ UNIFORM = Strategy("uniform")
 BLOCK_INTERNAL = Strategy("block-internal channels only", keep_residual_channels=True)
 DEPTH = Strategy("residual blocks dropped, then block-internal channels", keep_residual_channels=True, drop_blocks=True)
 # --prune-strategy NAME -> the strategy preferred where it is a candidate (else the next in STRATEGIES).
+PARTS = Strategy("channels inside the parts Torch-Pruning can follow; their inputs, outputs and all else dense", by_parts=True)
 PREFERRED = {"depth": DEPTH, "block-internal": BLOCK_INTERNAL, "uniform": UNIFORM}
 STRATEGIES = (
     # Where no residual block can go, depth falls back to this: the streams that additions join keep
@@ -112,6 +114,10 @@ STRATEGIES = (
     UNIFORM,
     Strategy("uniform, narrow layers kept", keep_narrow_layers=True),
     Strategy("global ranking", global_ranking=True),
+    # Only where every strategy above failed on the model's graph: shufflenet_v2's channel shuffle
+    # breaks Torch-Pruning's graph of the whole model, not of each block; inside each block the
+    # channels that do not reach its outputs can go, and everything else stays dense.
+    PARTS,
 )
 
 
@@ -144,7 +150,7 @@ def prune_structured(
     ranking = _rank_blocks(model, example, blocks, ranking_inputs, block_time_ms) if blocks and choose in ("depth", "fastest") else []
     candidates, failed = [], {}
     for strategy in STRATEGIES:
-        if strategy.drop_blocks and not ranking:
+        if (strategy.drop_blocks and not ranking) or (strategy.by_parts and (candidates or not failed)):
             continue
         try:
             found = _candidate(model, example, macs_fraction, macs_before, strategy, ranking)
@@ -156,9 +162,13 @@ def prune_structured(
         if found is not None:
             candidates.append((strategy, *found))
     if not candidates:
+        # No strategy reaches the target: the most one can remove, and the report says how much.
+        fallback = PARTS if failed.get(UNIFORM.name) else UNIFORM
         try:
-            plan, left_dense = _plan(model, example, 0.95, None, UNIFORM)
-            candidates.append((UNIFORM, None, _pruned_copy(model, example, plan), left_dense, 0.95))
+            plan, left_dense = _plan(model, example, 0.95, None, fallback)
+            if not plan:
+                raise BmcError("no channel could go without changing a layer Torch-Pruning cannot follow")
+            candidates.append((fallback, None, _pruned_copy(model, example, plan), left_dense, 0.95))
         except BmcError as exc:
             reasons = sorted({*failed.values(), str(exc)})
             raise BmcError(
@@ -323,34 +333,57 @@ def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy
     return _pruned_copy(model, example, plan), left_dense, ratio
 
 
-# One pruning decision: (the root module's name, Torch-Pruning's pruning function, channel indices).
-PrunePlan = list[tuple[str, Callable, list[int]]]
+# One pruning decision: (the graph it was planned on: "" for the whole model, else the part's name;
+# the root module's name; Torch-Pruning's pruning function; channel indices).
+PrunePlan = list[tuple[str, str, Callable, list[int]]]
 
 
 def _plan(
     model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, scores: dict | None = None
 ) -> tuple[PrunePlan | None, list[str]]:
     """Which channels go at this ratio, ranked by L1 norm on the model's weights; the model is untouched.
-    `scores` keeps each group's channel ranking between calls on the same model.
+    `scores` keeps each group's channel ranking (and, by parts, which groups keep a part's shapes)
+    between calls on the same model.
 
     None for a strategy that keeps residual streams on a model without any.
     """
-    import torch_pruning as tp
-
+    scores = {} if scores is None else scores
     # The classifier's outputs are the classes: never pruned.
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ignored = linears[-1:]
     if strategy.keep_narrow_layers:
         ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
     names = {module: name for name, module in model.named_modules()}
+    if not strategy.by_parts:
+        plan, joined = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, scores)
+        if strategy.keep_residual_channels and not joined:
+            return None, []  # no residual streams: the same as uniform, not a candidate of its own
+        return plan, [names[m] for m in ignored]
+    plan = []
+    inputs = _part_inputs(model, example)
+    parts = _traceable_parts(model, inputs, scores)
+    for part in parts:
+        found, _ = _plan_graph(part, model.get_submodule(part), inputs[part], names, ignored, channel_ratio, round_to, strategy, scores)
+        plan += [entry for entry in found if _keeps_part_shapes(model, inputs, entry, scores)]
+    # Outside every part nothing is pruned; inside, each part's inputs and outputs keep their width.
+    outside = [name for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name.startswith(f"{part}.") for part in parts)]
+    return plan, outside
+
+
+def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, scores) -> tuple[PrunePlan, int]:
+    """The plan of one dependency graph (the whole model, or one part of it), and how many groups
+    joined residual streams (skipped where the strategy keeps them)."""
+    import torch_pruning as tp
+
     importance = tp.importance.MagnitudeImportance(p=1)
     try:
         pruner = tp.pruner.MetaPruner(
-            model,
-            example,
+            module,
+            inputs[0] if len(inputs) == 1 else inputs,
             importance=importance,
             pruning_ratio=channel_ratio,
-            ignored_layers=ignored,
+            ignored_layers=[m for m in ignored if any(m is sub for sub in module.modules())],
             # Torch-Pruning rounds kept channels down and skips a group that would round to none,
             # which made MACs fall and rise again with the ratio once the residual streams are
             # kept; that strategy rounds to the nearest multiple itself. Elsewhere rounding down
@@ -367,15 +400,98 @@ def _plan(
                 continue
             indices = list(group[0].idxs)
             if strategy.keep_residual_channels and round_to:
-                indices = _rounded_selection(pruner.DG, group, importance, round_to, {} if scores is None else scores)
+                indices = _rounded_selection(pruner.DG, group, importance, round_to, scores)
             if indices:
-                plan.append((names[group[0].dep.target.module], group[0].dep.handler, indices))
+                plan.append((scope, names[group[0].dep.target.module], group[0].dep.handler, indices))
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
         # Torch-Pruning crashes on some graphs (shufflenet_v2's channel shuffle: ZeroDivisionError).
         raise BmcError(f"structured pruning failed on this architecture: {type(exc).__name__}: {exc}") from None
-    if strategy.keep_residual_channels and not joined:
-        return None, []  # no residual streams: the same as uniform, not a candidate of its own
-    return plan, [names[m] for m in ignored]
+    return plan, joined
+
+
+def _part_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
+    """Each submodule's positional inputs in one forward pass on `example` (tensors of example's
+    device: meta tensors for a skeleton), by name; submodules that took anything but tensors are left out."""
+    seen: dict[str, tuple] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if name not in seen and args and all(isinstance(a, torch.Tensor) for a in args):
+                seen[name] = tuple(torch.zeros_like(a) for a in args)
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _traceable_parts(model: nn.Module, inputs: dict[str, tuple], scores: dict) -> list[str]:
+    """The largest submodules whose dependency graph Torch-Pruning can build, where it cannot build
+    the whole model's: shufflenet_v2's channel shuffle between blocks breaks the model's graph,
+    not each block's own."""
+    import torch_pruning as tp
+
+    key = ("parts", id(model))
+    if key in scores:
+        return scores[key]
+    parts: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if not any(isinstance(m, nn.Conv2d) for m in module.modules()) or isinstance(module, (nn.Conv2d, nn.Linear)):
+            return  # nothing to prune inside, or a single layer whose width is its part's interface
+        if name in inputs:
+            args = inputs[name]
+            try:
+                tp.DependencyGraph().build_dependency(module, example_inputs=args[0] if len(args) == 1 else args)
+                parts.append(name)
+                return
+            except Exception:  # noqa: BLE001 - any failure to build sends the search one level down
+                pass
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    for child, sub in model.named_children():
+        visit(child, sub)
+    scores[key] = parts
+    return parts
+
+
+def _keeps_part_shapes(model: nn.Module, inputs: dict[str, tuple], entry, scores: dict) -> bool:
+    """Whether pruning this group leaves its part taking and giving the same shapes: only then can
+    the part change without the model's graph (which Torch-Pruning cannot build) following it.
+    Checked once per group on a skeleton of the part."""
+    import torch_pruning as tp
+
+    part, name, pruning_fn, _ = entry
+    key = ("keeps shapes", part, name, getattr(pruning_fn, "__name__", str(pruning_fn)))
+    if key not in scores:
+        skeleton = _meta_skeleton(model.get_submodule(part))
+        args = tuple(a.to("meta") for a in inputs[part])
+        try:
+            with torch.no_grad():
+                before = skeleton(*args)
+            graph = tp.DependencyGraph().build_dependency(skeleton, example_inputs=args[0] if len(args) == 1 else args)
+            root = skeleton.get_submodule(name[len(part) + 1:])
+            graph.get_pruning_group(root, pruning_fn, [0]).prune()
+            with torch.no_grad():
+                after = skeleton(*args)
+            scores[key] = _shapes(after) == _shapes(before)
+        except Exception:  # noqa: BLE001 - a group that breaks its part is one that stays dense
+            scores[key] = False
+    return scores[key]
+
+
+def _shapes(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, (tuple, list)):
+        return [shape for item in output for shape in _shapes(item)]
+    return [type(output).__name__]
 
 
 def _rounded_selection(graph, group, importance, round_to: int, scores: dict) -> list[int]:
@@ -413,11 +529,16 @@ def _apply_plan(model: nn.Module, example: torch.Tensor, plan: PrunePlan) -> nn.
     """Remove the planned channels from model (in place) and check that it still runs."""
     import torch_pruning as tp
 
-    graph = tp.DependencyGraph().build_dependency(model, example)
     modules = dict(model.named_modules())
+    inputs = _part_inputs(model, example) if any(scope for scope, *_ in plan) else {}
+    graphs: dict[str, object] = {}
     try:
-        for name, pruning_fn, indices in plan:
-            graph.get_pruning_group(modules[name], pruning_fn, indices).prune()
+        for scope, name, pruning_fn, indices in plan:
+            if scope not in graphs:
+                # A part's graph is built on the part alone, from its own inputs in the model.
+                module, args = (model, (example,)) if not scope else (modules[scope], inputs[scope])
+                graphs[scope] = tp.DependencyGraph().build_dependency(module, example_inputs=args[0] if len(args) == 1 else args)
+            graphs[scope].get_pruning_group(modules[name], pruning_fn, indices).prune()
         with torch.no_grad():
             model(example)  # the pruned graph must still run
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
