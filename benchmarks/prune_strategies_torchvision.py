@@ -1,6 +1,6 @@
 """Every pruning strategy on torchvision models at 224 px, timed in onnxruntime against the dense model, one run.
 
-    python benchmarks/prune_strategies_torchvision.py [--models resnet18 mobilenet_v2] [--prune 0.5]
+    python benchmarks/prune_strategies_torchvision.py [--models resnet18 mobilenet_v2 shufflenet_v2_x1_0] [--prune 0.5]
 
 Random weights, so this is a speed test only: which strategy's cut runs fastest at batch 1 for the
 same MACs removed (`bmc compress --prune-strategy fastest` makes this choice per model). Block
@@ -22,11 +22,11 @@ def main() -> None:
     import torch
     import torchvision
 
-    from bmc.compress.pipeline import _onnx_latency_ms
+    from bmc.compress.pipeline import _onnx_latency_ms, _onnx_scope_times_ms
     from bmc.compress.prune import prune_structured
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])
     parser.add_argument("--prune", type=float, default=0.5, help="fraction of MACs removed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -38,10 +38,13 @@ def main() -> None:
         example = torch.zeros(1, 3, 224, 224)
         started = time.perf_counter()
         dense = _onnx_latency_ms(model, example, batch_sizes=(1,))[1]
-        _, stats = prune_structured(
-            model, example, args.prune, latency_ms=lambda m: _onnx_latency_ms(m, example, batch_sizes=(1,)), choose="fastest"
+        pruned, stats = prune_structured(
+            model, example, args.prune, latency_ms=lambda m: _onnx_latency_ms(m, example, batch_sizes=(1,)), choose="fastest",
+            block_time_ms=lambda m, scopes: _onnx_scope_times_ms(m, example, scopes),
         )
         candidates = {strategy: times[1] for strategy, times in stats.candidate_latency_ms.items()}
+        if not candidates:  # one strategy only (shufflenet: by parts): compress does not time it, this does
+            candidates = {stats.strategy: _onnx_latency_ms(pruned, example, batch_sizes=(1,))[1]}
         results[name] = {
             "dense_ms": dense,
             "candidate_ms": candidates,
@@ -50,6 +53,7 @@ def main() -> None:
             "macs_removed": round(stats.macs_removed, 4),
             "blocks_dropped": stats.blocks_dropped,
             "droppable_blocks": stats.droppable_blocks,
+            "strategies_failed": stats.strategies_failed,
             "seconds": round(time.perf_counter() - started, 1),
         }
         rows += [[name, strategy, f"{ms:.3f}", f"{dense / ms:.2f}x", "*" if strategy == stats.strategy else ""] for strategy, ms in candidates.items()]

@@ -567,3 +567,16 @@ def test_shufflenet_is_pruned_inside_its_blocks_where_its_channel_shuffle_breaks
         assert branch[0].out_channels < model.get_submodule(name).branch2[0].out_channels
     with torch.no_grad():
         assert pruned(example).shape == (2, 10)
+
+
+def test_compress_says_so_when_less_than_the_asked_fraction_of_macs_could_go(workdir):
+    # shufflenet_v2_x0_5: only the channels inside each block can go, short of half the MACs.
+    train(TrainConfig(model="torchvision:shufflenet_v2_x0_5", data=DataConfig(name="synthetic"), epochs=1))
+    result = run_bmc("compress", "--prune", "0.5", "--quantize", "none", "--finetune-epochs", "0", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((workdir / "runs" / "latest" / "compressed" / "compress_report.json").read_text())
+    prune = next(s for s in report["stages"] if s["stage"] == "prune")
+    assert prune["strategy"].startswith("channels inside the parts") and 0.3 < prune["macs_removed"] < 0.495
+    (note,) = [n for n in report["notes"] if n.startswith("pruning removed")]
+    assert note.startswith(f"pruning removed {prune['macs_removed']:.1%} of the MACs, not the 50% asked") and "fc" in note
+    assert note in result.stdout.replace("\n", " ") or note[:60] in result.stdout

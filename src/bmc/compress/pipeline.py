@@ -378,6 +378,11 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         if steps > 1:
             stage["iterations"] = history
     stage["original_test_metrics"] = {k: v for k, v in meta["history"][-1].items() if k.startswith("test_")}
+    if config.prune_method == "l1-structured" and stage["macs_removed"] < config.prune - 0.005:
+        report.notes.append(
+            f"pruning removed {stage['macs_removed']:.1%} of the MACs, not the {config.prune:.0%} asked: that is all "
+            f"that could go ({stage['strategy']}; layers left dense: {', '.join(stage['left_dense']) or 'none'})"
+        )
     report.stages.append(stage)
     from bmc.export import ExportConfig, export
 
