@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     order = args.order.split(",")
 
-    measured = prune._rank_blocks
+    measured = prune.rank_blocks
 
     def ranked_by_hand(model, example, blocks, ranking_inputs, block_time_ms):
         ranking = measured(model, example, blocks, ranking_inputs, block_time_ms)
@@ -44,7 +44,7 @@ def main() -> None:
         print("bmc's ranking (KL when dropped alone, ms):", [(b.name, round(b.prediction_shift, 4), b.time_ms) for b in ranking])
         return sorted(ranking, key=lambda block: order.index(block.name))
 
-    prune._rank_blocks = ranked_by_hand
+    prune.rank_blocks = ranked_by_hand
     began = time.perf_counter()
     report = compress(CompressConfig(
         source=args.run, prune=args.prune, prune_strategy="depth", quantize="int8",

@@ -28,7 +28,10 @@ from common import print_table, write_results  # noqa: E402
 
 from bmc.bench import BenchConfig, bench_rounds  # noqa: E402
 from bmc.checkpoint import load_model  # noqa: E402
-from bmc.compress.prune import _joins_outputs, count_macs_and_params, drop_blocks, residual_blocks  # noqa: E402
+from bmc.compress.depth import residual_blocks  # noqa: E402
+from bmc.compress.measure import count_macs_and_params  # noqa: E402
+from bmc.compress.prune import _joins_outputs  # noqa: E402
+from bmc.models.blocks import drop_blocks  # noqa: E402
 from bmc.compress.quantize import _pre_process, candidate_recipes, quantize_with_recipe  # noqa: E402
 from bmc.environment import cpu_info  # noqa: E402
 from bmc.export.onnx_export import torch_to_onnx  # noqa: E402

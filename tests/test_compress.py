@@ -384,7 +384,7 @@ def test_residual_blocks_are_found_by_tracing_and_dropping_one_equals_zeroing_it
     import torch
     import torchvision
 
-    from bmc.compress.prune import residual_blocks
+    from bmc.compress.depth import residual_blocks
     from bmc.models import create_model
     from bmc.models.blocks import DroppedBlock, drop_blocks
 
@@ -422,7 +422,7 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     import torch
 
     from bmc.checkpoint import load_model
-    from bmc.compress.prune import residual_blocks
+    from bmc.compress.depth import residual_blocks
     from bmc.models.blocks import DroppedBlock
 
     train(TrainConfig(model="resnet20", data=DataConfig(name="synthetic"), epochs=1))

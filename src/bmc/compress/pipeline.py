@@ -312,7 +312,9 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
 
     from bmc.checkpoint import load_model
     from bmc.compress import FINETUNE_EPOCHS
-    from bmc.compress.prune import count_macs_and_params, prune_magnitude, prune_structured, residual_blocks
+    from bmc.compress.depth import residual_blocks
+    from bmc.compress.measure import count_macs_and_params
+    from bmc.compress.prune import prune_magnitude, prune_structured
     from bmc.train import TrainConfig, train
 
     original, meta = load_model(run_dir)
