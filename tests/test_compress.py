@@ -439,6 +439,7 @@ def test_depth_pruning_drops_whole_blocks_and_the_pruned_run_reloads_without_the
     ranking = prune["block_ranking"]
     assert len(ranking) == 7 and all(r["time_ms"] > 0 for r in ranking)
     assert {r["block"] for r in ranking[: len(prune["blocks_dropped"])]} == set(prune["blocks_dropped"])
+    assert f"blocks ranked by prediction shift (KL) per ms they save, first dropped first: {ranking[0]['block']} " in result.stdout
     costs = [r["prediction_shift_kl"] / r["time_ms"] for r in ranking]
     assert costs == sorted(costs) or max(abs(a - b) for a, b in zip(costs, sorted(costs))) < 1e-3
     model, meta = load_model(workdir / "runs" / "latest" / "compressed" / "pruned-run")

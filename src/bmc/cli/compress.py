@@ -91,6 +91,9 @@ def compress_command(
             )
             if stage.get("blocks_dropped"):
                 typer.echo(f"  residual blocks dropped whole: {', '.join(stage['blocks_dropped'])}")
+            if stage.get("blocks_dropped") and stage.get("block_ranking"):
+                typer.echo("  blocks ranked by prediction shift (KL) per ms they save, first dropped first: "
+                           + ", ".join(_block_cost(rank) for rank in stage["block_ranking"]))
             for name, why in stage.get("strategies_failed", {}).items():
                 typer.echo(f"  strategy {name!r} could not be cut here: {why}")
             for step in stage.get("iterations", []):
@@ -137,6 +140,12 @@ def _print_summary(rows: list[dict]) -> None:
         size = f"{row['size_bytes'] / 1e6:.3f}" + (f" {row['size_ratio']:.1f}x" if later else "")
         table.add_row(f"{row['stage']} ({row['format']})", f"{row['parameters']:,}", size, accuracy, *latency)
     Console(width=max(Console().width, 100)).print(table)
+
+
+def _block_cost(rank: dict) -> str:
+    if rank["time_ms"] is None:  # ranked by MACs: no time was measured
+        return f"{rank['block']} {rank['prediction_shift_kl']:.3g} KL"
+    return f"{rank['block']} {rank['prediction_shift_kl']:.3g} KL / {rank['time_ms']:.3g} ms"
 
 
 def _latencies(by_strategy: dict) -> str:
