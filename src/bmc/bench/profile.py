@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.bench.sessions import LOG_SEVERITY_FATAL, SessionError, ort_message, session_options
+from bmc.bench.sessions import SessionError, create_session
 from bmc.bench.timing import random_inputs
 
 KERNEL_SUFFIX = "_kernel_time"
@@ -25,19 +25,10 @@ def node_times_ms(path: Path, batch_size: int = 32, iterations: int = 20, thread
     """Each node's median kernel time in ms over `iterations` runs at `batch_size` on the CPU,
     keyed by the name onnxruntime gives the node after its graph optimizations (fused nodes keep
     their scope: "/layers/layers.4/conv2/Conv_output_0_nchwc")."""
-    import onnxruntime as ort
-
     if iterations < 1:
         raise SessionError(f"iterations must be >= 1; got {iterations}")
-    ort.set_default_logger_severity(LOG_SEVERITY_FATAL)
     with tempfile.TemporaryDirectory() as scratch:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(scratch) / "profile")
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's own error types; one line each
-            raise SessionError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
+        session = create_session(path, "cpu", threads, profile_prefix=str(Path(scratch) / "profile")).session
         feeds = random_inputs(session, batch_size)
         for _ in range(iterations + 1):
             session.run(None, feeds)

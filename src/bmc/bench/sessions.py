@@ -41,8 +41,9 @@ class OpenSession:
     cuda_graph: bool = False
 
 
-def session_options(threads: int | None):
-    """The SessionOptions every bench session uses: sequential execution, `threads` intra-op threads."""
+def session_options(threads: int | None, profile_prefix: str | None = None):
+    """The SessionOptions every bench session uses: sequential execution, `threads` intra-op threads;
+    with profile_prefix, onnxruntime's profiler writes its events under that prefix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -53,6 +54,9 @@ def session_options(threads: int | None):
     options.inter_op_num_threads = 1
     if threads is not None:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return options
 
 
@@ -63,6 +67,7 @@ def create_session(
     cuda_graph: bool = False,
     tensorrt: bool = False,
     conv_algo_search: str = "EXHAUSTIVE",
+    profile_prefix: str | None = None,
 ) -> OpenSession:
     """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it.
 
@@ -75,7 +80,7 @@ def create_session(
         raise SessionError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     ort.set_default_logger_severity(LOG_SEVERITY_FATAL)
     if device == "cpu":
-        session = _new_session(ort, path, threads, [CPU_PROVIDER])
+        session = _new_session(ort, path, threads, [CPU_PROVIDER], profile_prefix)
         return OpenSession(session, Path(path), "cpu", tuple(session.get_providers()), threads)
 
     _prepare_cuda(ort)
@@ -85,7 +90,7 @@ def create_session(
     requested = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]
     if tensorrt:
         requested.insert(0, TENSORRT_PROVIDER)
-    session = _new_session(ort, path, threads, requested)
+    session = _new_session(ort, path, threads, requested, profile_prefix)
     providers = tuple(session.get_providers())
     if tensorrt and TENSORRT_PROVIDER not in providers:
         raise SessionError(
@@ -101,7 +106,7 @@ def create_session(
         )
     if cuda_graph:
         # The fallback session was made with CUDA options; a plain CPU one keeps the numbers comparable.
-        return create_session(path, "cpu", threads)
+        return create_session(path, "cpu", threads, profile_prefix=profile_prefix)
     return OpenSession(session, Path(path), "cpu", providers, threads)
 
 
@@ -121,9 +126,9 @@ def cuda_works() -> bool:
     return CUDA_PROVIDER in session.get_providers()
 
 
-def _new_session(ort, path: Path, threads: int | None, providers: list):
+def _new_session(ort, path: Path, threads: int | None, providers: list, profile_prefix: str | None = None):
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types; one line each
         raise SessionError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
 

@@ -91,7 +91,6 @@ def compress_command(
             )
             if stage.get("blocks_dropped"):
                 typer.echo(f"  residual blocks dropped whole: {', '.join(stage['blocks_dropped'])}")
-            if stage.get("blocks_dropped") and stage.get("block_ranking"):
                 typer.echo("  blocks ranked by prediction shift (KL) per ms they save, first dropped first: "
                            + ", ".join(_block_cost(rank) for rank in stage["block_ranking"]))
             for name, why in stage.get("strategies_failed", {}).items():

@@ -54,7 +54,7 @@ def rank_blocks(
     saved on the target (per MAC without timings).
 
     Per MAC alone, resnet20's blocks all cost the same (4.7 M MACs each) and the KL order dropped
-    two of stage 3's; per measured time, a stage-1 block (1.2 ms at batch 32 against 0.74) goes
+    two of stage 3's; per measured time, a stage-1 block (1.36 ms at batch 32 against 0.85) goes
     instead of stage 3's second: 86.29% against 85.26% after the same 15 epochs, 1.94x against
     1.76x faster in fp32 at batch 32 (benchmarks/depth_block_order.py).
     """

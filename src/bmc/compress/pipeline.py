@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -415,33 +417,35 @@ def _finetune(train, finetune, pruned, teacher, epochs: int, out: Path, stage: d
     return run
 
 
-def _onnx_scope_times_ms(model, example, scopes: list[str], batch_size: int = 32) -> dict[str, float]:
-    """The kernel time of each module scope (a residual block's name) in onnxruntime on this CPU at
-    batch_size, from one profiled session: what dropping that block saves."""
+@contextmanager
+def _exported(model, example) -> Iterator[Path]:
+    """The model exported to a temporary ONNX file, gone after the block: what a candidate is timed on."""
     import tempfile
 
-    from bmc.bench.profile import node_times_ms, scope_times_ms
-    from bmc.export import DEFAULT_OPSET
-    from bmc.export.onnx_export import torch_to_onnx
-
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "model.onnx"
-        torch_to_onnx(model.eval(), example, path, DEFAULT_OPSET)
-        return scope_times_ms(node_times_ms(path, batch_size), scopes)
-
-
-def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, seconds: float = 0.2) -> dict[int, float]:
-    """The model's median latency per batch size in onnxruntime on this CPU, best of a few short rounds."""
-    import tempfile
-
-    from bmc.bench.sessions import create_session
-    from bmc.bench.timing import measure, random_inputs, runner
     from bmc.export import DEFAULT_OPSET
     from bmc.export.onnx_export import torch_to_onnx
 
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "candidate.onnx"
         torch_to_onnx(model.eval(), example, path, DEFAULT_OPSET)
+        yield path
+
+
+def _onnx_scope_times_ms(model, example, scopes: list[str], batch_size: int = 32) -> dict[str, float]:
+    """The kernel time of each module scope (a residual block's name) in onnxruntime on this CPU at
+    batch_size, from one profiled session: what dropping that block saves."""
+    from bmc.bench.profile import node_times_ms, scope_times_ms
+
+    with _exported(model, example) as path:
+        return scope_times_ms(node_times_ms(path, batch_size), scopes)
+
+
+def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, seconds: float = 0.2) -> dict[int, float]:
+    """The model's median latency per batch size in onnxruntime on this CPU, best of a few short rounds."""
+    from bmc.bench.sessions import create_session
+    from bmc.bench.timing import measure, random_inputs, runner
+
+    with _exported(model, example) as path:
         session = create_session(path, "cpu")
         best: dict[int, float] = {}
         for _ in range(rounds):
@@ -449,4 +453,3 @@ def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, secon
                 timing = measure(runner(session, random_inputs(session.session, batch)), batch, warmup=3, iters=None, seconds=seconds)
                 best[batch] = min(best.get(batch, float("inf")), timing.latency_ms_median)
     return best
-

@@ -221,9 +221,9 @@ def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy
     ratio = min(high, 1 - math.sqrt(max(0.0, 1 - macs_fraction)))
     best = None
     shape_only = example.to("meta")
-    scores: dict = {}  # each group's channel order, the same at every step: the weights do not change
+    memo: dict = {}  # each group's channel order and what parts the model has: the same at every step
     for _ in range(SEARCH_STEPS):
-        plan, left_dense = _plan(model, example, ratio, round_to, strategy, scores)
+        plan, left_dense = _plan(model, example, ratio, round_to, strategy, memo)
         if plan is None:
             return None  # no residual streams: the strategy is uniform's
         skeleton = _apply_plan(meta_skeleton(model), shape_only, plan)
@@ -248,15 +248,15 @@ PrunePlan = list[tuple[str, str, Callable, list[int]]]
 
 
 def _plan(
-    model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, scores: dict | None = None
+    model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, memo: dict | None = None
 ) -> tuple[PrunePlan | None, list[str]]:
     """Which channels go at this ratio, ranked by L1 norm on the model's weights; the model is untouched.
-    `scores` keeps each group's channel ranking (and, by parts, which groups keep a part's shapes)
-    between calls on the same model.
+    `memo` keeps what does not change between calls on the same model: each group's channel
+    ranking and, by parts, the parts, their inputs and which groups keep a part's shapes.
 
     None for a strategy that keeps residual streams on a model without any.
     """
-    scores = {} if scores is None else scores
+    memo = {} if memo is None else memo
     # The classifier's outputs are the classes: never pruned.
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ignored = linears[-1:]
@@ -264,23 +264,25 @@ def _plan(
         ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
     names = {module: name for name, module in model.named_modules()}
     if not strategy.by_parts:
-        plan, joined = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, scores)
+        plan, joined = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, memo)
         if strategy.keep_residual_channels and not joined:
             return None, []  # no residual streams: the same as uniform, not a candidate of its own
         return plan, [names[m] for m in ignored]
     plan = []
-    inputs = _part_inputs(model, example)
-    parts = _traceable_parts(model, inputs, scores)
+    if ("inputs", id(model)) not in memo:  # one forward pass per search, not per step
+        memo[("inputs", id(model))] = _part_inputs(model, example)
+    inputs = memo[("inputs", id(model))]
+    parts = _traceable_parts(model, inputs, memo)
     for part in parts:
-        found, _ = _plan_graph(part, model.get_submodule(part), inputs[part], names, ignored, channel_ratio, round_to, strategy, scores)
-        plan += [entry for entry in found if _keeps_part_shapes(model, inputs, entry, scores)]
+        found, _ = _plan_graph(part, model.get_submodule(part), inputs[part], names, ignored, channel_ratio, round_to, strategy, memo)
+        plan += [entry for entry in found if _keeps_part_shapes(model, inputs, entry, memo)]
     # Outside every part nothing is pruned; inside, each part's inputs and outputs keep their width.
     outside = [name for name, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(name.startswith(f"{part}.") for part in parts)]
     return plan, outside
 
 
-def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, scores) -> tuple[PrunePlan, int]:
+def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, memo) -> tuple[PrunePlan, int]:
     """The plan of one dependency graph (the whole model, or one part of it), and how many groups
     joined residual streams (skipped where the strategy keeps them)."""
     import torch_pruning as tp
@@ -289,7 +291,7 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
     try:
         pruner = tp.pruner.MetaPruner(
             module,
-            inputs[0] if len(inputs) == 1 else inputs,
+            _example_inputs(inputs),
             importance=importance,
             pruning_ratio=channel_ratio,
             ignored_layers=[m for m in ignored if any(m is sub for sub in module.modules())],
@@ -309,7 +311,7 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
                 continue
             indices = list(group[0].idxs)
             if strategy.keep_residual_channels and round_to:
-                indices = _rounded_selection(pruner.DG, group, importance, round_to, scores)
+                indices = _rounded_selection(pruner.DG, group, importance, round_to, memo)
             if indices:
                 plan.append((scope, names[group[0].dep.target.module], group[0].dep.handler, indices))
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
@@ -339,24 +341,21 @@ def _part_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
     return seen
 
 
-def _traceable_parts(model: nn.Module, inputs: dict[str, tuple], scores: dict) -> list[str]:
+def _traceable_parts(model: nn.Module, inputs: dict[str, tuple], memo: dict) -> list[str]:
     """The largest submodules whose dependency graph Torch-Pruning can build, where it cannot build
     the whole model's: shufflenet_v2's channel shuffle between blocks breaks the model's graph,
     not each block's own."""
-    import torch_pruning as tp
-
     key = ("parts", id(model))
-    if key in scores:
-        return scores[key]
+    if key in memo:
+        return memo[key]
     parts: list[str] = []
 
     def visit(name: str, module: nn.Module) -> None:
         if not any(isinstance(m, nn.Conv2d) for m in module.modules()) or isinstance(module, (nn.Conv2d, nn.Linear)):
             return  # nothing to prune inside, or a single layer whose width is its part's interface
         if name in inputs:
-            args = inputs[name]
             try:
-                tp.DependencyGraph().build_dependency(module, example_inputs=args[0] if len(args) == 1 else args)
+                _graph(module, inputs[name])
                 parts.append(name)
                 return
             except Exception:  # noqa: BLE001 - any failure to build sends the search one level down
@@ -366,33 +365,42 @@ def _traceable_parts(model: nn.Module, inputs: dict[str, tuple], scores: dict) -
 
     for child, sub in model.named_children():
         visit(child, sub)
-    scores[key] = parts
+    memo[key] = parts
     return parts
 
 
-def _keeps_part_shapes(model: nn.Module, inputs: dict[str, tuple], entry, scores: dict) -> bool:
+def _keeps_part_shapes(model: nn.Module, inputs: dict[str, tuple], entry, memo: dict) -> bool:
     """Whether pruning this group leaves its part taking and giving the same shapes: only then can
     the part change without the model's graph (which Torch-Pruning cannot build) following it.
     Checked once per group on a skeleton of the part."""
-    import torch_pruning as tp
-
     part, name, pruning_fn, _ = entry
     key = ("keeps shapes", part, name, getattr(pruning_fn, "__name__", str(pruning_fn)))
-    if key not in scores:
+    if key not in memo:
         skeleton = meta_skeleton(model.get_submodule(part))
         args = tuple(a.to("meta") for a in inputs[part])
         try:
             with torch.no_grad():
                 before = skeleton(*args)
-            graph = tp.DependencyGraph().build_dependency(skeleton, example_inputs=args[0] if len(args) == 1 else args)
+            graph = _graph(skeleton, args)
             root = skeleton.get_submodule(name[len(part) + 1:])
             graph.get_pruning_group(root, pruning_fn, [0]).prune()
             with torch.no_grad():
                 after = skeleton(*args)
-            scores[key] = _shapes(after) == _shapes(before)
+            memo[key] = _shapes(after) == _shapes(before)
         except Exception:  # noqa: BLE001 - a group that breaks its part is one that stays dense
-            scores[key] = False
-    return scores[key]
+            memo[key] = False
+    return memo[key]
+
+
+def _graph(module: nn.Module, args: tuple):
+    """Torch-Pruning's dependency graph of module, traced on its positional inputs."""
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(module, example_inputs=_example_inputs(args))
+
+
+def _example_inputs(args: tuple):
+    return args[0] if len(args) == 1 else args  # Torch-Pruning calls module(x) for one tensor, module(*args) for a tuple
 
 
 def _shapes(output) -> list:
@@ -403,11 +411,11 @@ def _shapes(output) -> list:
     return [type(output).__name__]
 
 
-def _rounded_selection(graph, group, importance, round_to: int, scores: dict) -> list[int]:
+def _rounded_selection(graph, group, importance, round_to: int, memo: dict) -> list[int]:
     """The group's lowest-L1 channels, as many as leave the kept count at the nearest multiple of round_to.
 
     A group's scores read all its weights (a wide classifier's, and as much again in temporaries):
-    computed once per group and kept in `scores` across the ratio search.
+    computed once per group and kept in `memo` across the ratio search.
     """
     root, pruning_fn = group[0].dep.target.module, group[0].dep.handler
     channels = graph.get_out_channels(root)
@@ -417,9 +425,9 @@ def _rounded_selection(graph, group, importance, round_to: int, scores: dict) ->
     if keep >= channels:
         return []
     key = (id(root), getattr(pruning_fn, "__name__", str(pruning_fn)))
-    if key not in scores:
-        scores[key] = torch.argsort(importance(graph.get_pruning_group(root, pruning_fn, list(range(channels)))))
-    return sorted(scores[key][: channels - keep].tolist())
+    if key not in memo:
+        memo[key] = torch.argsort(importance(graph.get_pruning_group(root, pruning_fn, list(range(channels)))))
+    return sorted(memo[key][: channels - keep].tolist())
 
 
 def _joins_outputs(group) -> bool:
@@ -436,8 +444,6 @@ def _joins_outputs(group) -> bool:
 
 def _apply_plan(model: nn.Module, example: torch.Tensor, plan: PrunePlan) -> nn.Module:
     """Remove the planned channels from model (in place) and check that it still runs."""
-    import torch_pruning as tp
-
     modules = dict(model.named_modules())
     inputs = _part_inputs(model, example) if any(scope for scope, *_ in plan) else {}
     graphs: dict[str, object] = {}
@@ -446,7 +452,7 @@ def _apply_plan(model: nn.Module, example: torch.Tensor, plan: PrunePlan) -> nn.
             if scope not in graphs:
                 # A part's graph is built on the part alone, from its own inputs in the model.
                 module, args = (model, (example,)) if not scope else (modules[scope], inputs[scope])
-                graphs[scope] = tp.DependencyGraph().build_dependency(module, example_inputs=args[0] if len(args) == 1 else args)
+                graphs[scope] = _graph(module, args)
             graphs[scope].get_pruning_group(modules[name], pruning_fn, indices).prune()
         with torch.no_grad():
             model(example)  # the pruned graph must still run
