@@ -5,6 +5,7 @@
 # ../shared/device/README.md says, with the shared CIFAR-10 archive copied to .whl/cifar/:
 #
 #     bash benchmarks/gpu_checks.sh            # results and a log under $OUT (default /tmp/gpu-checks)
+#     bash benchmarks/gpu_checks.sh --open     # only the checks of goals still open (about 6 minutes)
 #
 # Each step has its own time limit and a failing step does not stop the others: a lent GPU is
 # rare and short, so one run has to bring back everything it can.
@@ -28,17 +29,24 @@ step environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
 step unpack 60 bash -c "mkdir -p $data && tar xzf .whl/cifar/cifar10-jpeg.tar.gz -C $data && \
   $py -c 'from bmc.data import DataConfig, load_dataset; d = load_dataset(DataConfig(name=\"imagefolder\", data_dir=\"$data\")); print(d.train_x.shape)'"
 
-# Issue 3: ResNet-18 (CIFAR stem) at batch 512 against the documents' loop, MFU against the measured bf16 peak.
-step train-throughput 220 $py benchmarks/train_throughput.py --device cuda --model resnet18 --batch-sizes 512 --epochs 3 \
-  --compile --documents-images 10240 --data-dir $data --out "$out/train_throughput_cuda.json"
-
-# Where the step's time goes (bmc's pieces on resident data), and what a batch-size change costs onnxruntime.
-step train-step-profile 90 $py benchmarks/train_step_profile.py --device cuda --out "$out/train_step_profile_cuda.json"
-step cuda-shape-switch 60 $py benchmarks/cuda_shape_switch.py --out "$out/cuda_shape_switch.json"
-
 # Issue 6: serving resnet20 on CUDA, batching on and off, clients spread over 4 processes.
+step cuda-shape-switch 60 $py benchmarks/cuda_shape_switch.py --out "$out/cuda_shape_switch.json"
 step serve-load 120 $py benchmarks/serve_load.py --providers cuda --models resnet20 --servers bmc,bmc-nobatch \
   --client-processes 4 --seconds 3 --out "$out/serve_load_cuda.json"
+
+# Issue 3: ResNet-18 (CIFAR stem) at batch 512 against the documents' loop, eager and compiled (with and
+# without CUDA graphs), MFU against the measured bf16 peak; then one real epoch of train() profiled.
+step train-throughput 240 $py benchmarks/train_throughput.py --device cuda --model resnet18 --batch-sizes 512 --epochs 3 \
+  --compile-modes default,reduce-overhead --documents-images 5120 --data-dir $data --out "$out/train_throughput_cuda.json"
+step train-epoch-profile 100 $py benchmarks/train_epoch_profile.py --device cuda --model resnet18 --batch-size 512 \
+  --data-dir $data --out "$out/train_epoch_profile_cuda.json"
+step train-step-profile 60 $py benchmarks/train_step_profile.py --device cuda --out "$out/train_step_profile_cuda.json"
+
+if [ "${1:-}" = "--open" ]; then
+    step gpu-tests 60 $py -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_bench.py -k "cuda" -x
+    echo "done $(date +%T)"
+    exit 0
+fi
 
 # Issue 5 (and 4's CUDA paths): a resnet20 trained here, fp16 for --target cuda timed on the GPU, then
 # fp32 / fp16 / int8 on the CUDA provider, with and without CUDA graphs.

@@ -63,7 +63,7 @@ def documents_loop_img_per_s(data_dir: Path, model_name: str, batch_size: int, i
     return seen / (time.perf_counter() - start)
 
 
-def bmc_loop(data_dir: Path, model_name: str, batch_size: int, device: str = "cpu", epochs: int = 1, compile_model: bool = False) -> dict:
+def bmc_loop(data_dir: Path, model_name: str, batch_size: int, device: str = "cpu", epochs: int = 1, compile_mode: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig(
             data=DataConfig(name="imagefolder", data_dir=data_dir),
@@ -71,7 +71,8 @@ def bmc_loop(data_dir: Path, model_name: str, batch_size: int, device: str = "cp
             epochs=epochs,
             batch_size=batch_size,
             device=device,
-            compile=compile_model,
+            compile=compile_mode is not None,
+            compile_mode=compile_mode or "auto",
             out=Path(scratch) / "run",
         )
         run = train(config)
@@ -84,7 +85,8 @@ def bmc_loop(data_dir: Path, model_name: str, batch_size: int, device: str = "cp
         "epoch_seconds": [e["seconds"] for e in history],
         "img_per_s_per_epoch": [e["img_per_s"] for e in history],
         "final_test_accuracy": history[-1].get("test_accuracy"),
-        "compiled": compile_model,
+        "compiled": compile_mode is not None,
+        "compile_mode": compile_mode,
     }
 
 
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--epochs", type=int, default=1, help="bmc epochs per batch size (the best after the first counts)")
     parser.add_argument("--compile", action="store_true", help="also time bmc with --compile")
+    parser.add_argument("--compile-modes", default="", help="also time bmc with each of these --compile-mode values (comma-separated)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     data_dir = cifar_tree(args.data_dir)
@@ -138,8 +141,9 @@ def main() -> None:
     rows, measurements = [], []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         runs = [bmc_loop(data_dir, args.model, batch_size, args.device, args.epochs)]
-        if args.compile:
-            runs.append(bmc_loop(data_dir, args.model, batch_size, args.device, args.epochs, compile_model=True))
+        compile_modes = (["auto"] if args.compile else []) + [m for m in args.compile_modes.split(",") if m and (m != "auto" or not args.compile)]
+        for mode in compile_modes:
+            runs.append(bmc_loop(data_dir, args.model, batch_size, args.device, args.epochs, compile_mode=mode))
         theirs = documents_loop_img_per_s(data_dir, args.model, batch_size, args.documents_images, args.device)
         flops = training_flops_per_image(args.model, batch_size, args.device) if args.device == "cuda" else None
         for ours in runs:
@@ -148,7 +152,7 @@ def main() -> None:
                 ours["train_gflops_per_image"] = round(flops / 1e9, 3)
                 ours["mfu"] = round(ours["img_per_s"] * flops / (extra["bf16_matmul_peak_tflops"] * 1e12), 4)
             measurements.append({"batch_size": batch_size, "documents_img_per_s": round(theirs, 1), "bmc": ours, "speedup": round(ratio, 2)})
-            label = ours["precision"] + (", compiled" if ours["compiled"] else "")
+            label = ours["precision"] + (f", compiled ({ours['compile_mode']})" if ours["compiled"] else "")
             mfu = f"{ours['mfu']:.1%}" if "mfu" in ours else "-"
             rows.append([batch_size, f"{theirs:,.0f}", f"{ours['img_per_s']:,.0f}", label, f"{ratio:.2f}x", mfu])
     print_table(

@@ -55,6 +55,9 @@ def train_command(
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for conv nets."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile-mode", help="auto (reduce-overhead on one GPU), default, reduce-overhead (CUDA graphs) or max-autotune; implies --compile."
+    ),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/DATASET-MODEL-N)."),
@@ -86,7 +89,8 @@ def train_command(
         device=device,
         precision=precision,
         channels_last=channels_last,
-        compile=compile,
+        compile=compile or compile_mode is not None,
+        compile_mode=compile_mode or "auto",
         seed=seed,
         threads=threads,
         out=out,

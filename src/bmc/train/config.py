@@ -13,6 +13,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# torch.compile's modes; reduce-overhead also replays each step as CUDA graphs (one launch instead of
+# hundreds); auto picks it on a single GPU and default elsewhere.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    compile_mode: str = "auto"
     seed: int = 0
     threads: int | None = None
     out: Path | None = None
@@ -87,6 +91,7 @@ class TrainConfig:
         _check_range("weight_decay", self.weight_decay, 0, 1)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_range("threads", self.threads, 1, 1024)
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("kd_temperature", self.kd_temperature, 0, 100, low_open=True)
