@@ -454,6 +454,24 @@ def test_batches_padded_to_buckets_give_each_request_its_own_rows():
     assert seen_rows == [8, 4]
 
 
+def test_each_bucket_runs_on_its_own_session_and_agrees_with_the_others(models):
+    """The CUDA path's one-session-per-batch-size, run on the CPU: a session never sees a second shape."""
+    from bmc.serve_edge.models import load_model, serving_buckets
+
+    assert serving_buckets("cuda", True, 32) == (1, 4, 16, 32)
+    assert serving_buckets("cpu", True, 32) == () and serving_buckets("cuda", False, 32) == ()
+    model = load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4, buckets=(1, 4))
+    assert model.buckets == (1, 4)
+    one, four = model.bucket_sessions[1], model.bucket_sessions[4]
+    assert one is not four and four is model.session  # the largest bucket's session takes other shapes
+    rng = np.random.default_rng(0)
+    for rows, expected_session in ((1, one), (4, four), (3, four), (9, four)):
+        x = rng.standard_normal((rows, 1, 8, 8)).astype(np.float32)
+        assert model.session_for({"input": x}) is expected_session
+        np.testing.assert_allclose(model.run({"input": x})["output"], _reference(models["digits"], x), rtol=1e-5, atol=1e-5)
+    assert load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4).bucket_sessions == {}
+
+
 def test_live_answers_while_models_load_and_ready_waits_for_them(workdir):
     # Its warm-up run alone takes seconds: loading is still under way when the server first answers.
     model = slow_model(workdir / "slow-load.onnx", trips=6000)

@@ -75,7 +75,7 @@ class ServeApp:
                 max_queue=self.config.max_queue,
                 can_merge=model.can_merge,
                 describe_error=_ort_reason,
-                batch_buckets=model.batch_buckets(self.config.max_batch),
+                batch_buckets=model.buckets,
             )
             for name, model in models.items()
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,33 +29,31 @@ class ServedModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: ModelMetadata
+    # On CUDA, one session per batch size the batcher pads to (see serving_buckets); empty elsewhere.
+    bucket_sessions: dict = field(default_factory=dict)
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.outputs)
 
     @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.bucket_sessions))
+
+    @property
     def can_merge(self) -> bool:
         """Requests can be concatenated when every input and output has a dynamic first (batch) axis."""
-        return all(spec.dims and spec.dims[0] is None for spec in (*self.inputs, *self.outputs))
+        return _can_merge(self.inputs, self.outputs)
 
-    def batch_buckets(self, max_batch: int) -> tuple[int, ...]:
-        """The batch sizes the batcher pads to: powers of two up to max_batch on CUDA, none elsewhere.
-
-        On CUDA, onnxruntime's first run at each new input shape searches cuDNN's algorithms
-        (measured on an H100: dynamic batching with every size up to 32 served resnet20 at 29
-        requests/s at concurrency 16 against 816 without batching). A few fixed shapes, each
-        warmed up before ready, avoid that, and padding costs little on a GPU, where a batch of
-        32 takes as long as a batch of 1 for small models. On a CPU a new shape costs nothing
-        and padding would cost compute.
-        """
-        if self.device != "cuda" or not self.can_merge or max_batch <= 1:
-            return ()
-        return tuple(sorted({1 << i for i in range(max_batch.bit_length())} | {max_batch}))
+    def session_for(self, feed: dict[str, np.ndarray]):
+        """The session kept for this batch size, or the main one."""
+        if not self.bucket_sessions:  # only batchable models have buckets: every input has a batch axis
+            return self.session
+        return self.bucket_sessions.get(next(iter(feed.values())).shape[0], self.session)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One onnxruntime run; called on the model's worker thread."""
-        return dict(zip(self.output_names, self.session.run(list(self.output_names), feed)))
+        return dict(zip(self.output_names, self.session_for(feed).run(list(self.output_names), feed)))
 
     def describe(self) -> dict:
         """The v2 model metadata response."""
@@ -68,20 +66,47 @@ class ServedModel:
         }
 
 
-def load_model(path: Path, name: str, expected_sha256: str | None, threads: int, device: str, max_batch: int = 1) -> ServedModel:
-    """Verify, open, load and warm up one model; a BmcError naming the file when any step fails."""
+def serving_buckets(device: str, can_merge: bool, max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the batcher pads to on CUDA: powers of 4 up to max_batch, and max_batch; none elsewhere.
+
+    onnxruntime's CUDA provider rebuilds its convolutions' cuDNN set-up whenever a session's input
+    shape changes, even to a shape it ran before (H100, resnet20, `benchmarks/cuda_shape_switch.py`:
+    0.54-0.81 ms per run at a steady batch size; 245 ms at every change with the exhaustive
+    search, 46 ms with the heuristic one). A batcher changes shape all the time, so each bucket gets
+    its own session, which only ever sees its one shape. Padding costs little on a GPU, where
+    a batch of 32 takes about as long as a batch of 1 for small models; on a CPU a new shape costs
+    nothing and padding would cost compute. Powers of 4 keep the copies of the weights to a few.
+    """
+    if device != "cuda" or not can_merge or max_batch <= 1:
+        return ()
+    return tuple(sorted({4**i for i in range(max_batch.bit_length()) if 4**i <= max_batch} | {max_batch}))
+
+
+def load_model(
+    path: Path, name: str, expected_sha256: str | None, threads: int, device: str, max_batch: int = 1, buckets: tuple[int, ...] | None = None
+) -> ServedModel:
+    """Verify, open, load and warm up one model; a BmcError naming the file when any step fails.
+
+    buckets: the batch sizes to keep a session each for (default: serving_buckets for the device).
+    """
     digest = verify_model_file(path, expected_sha256)
     model_file = open_model(path)  # no external data outside the model's folder, no malformed graph
-    # onnxruntime's exhaustive cuDNN search runs again at every change of input shape, even to a
-    # shape seen before (H100, resnet20: 0.66 ms per run at a steady batch size, 250 ms at every
-    # change), and a batcher changes shape all the time; the heuristic choice does not search.
-    opened = create_session(path, device=device, threads=threads, conv_algo_search="HEURISTIC")
+    # Each bucket's session sees one shape, but a request of more rows than --max-batch still
+    # changes the largest bucket's shape: the heuristic choice makes that cost 46 ms, not 245.
+    def open_session():
+        return create_session(path, device=device, threads=threads, conv_algo_search="HEURISTIC")
+
+    opened = open_session()
     session = opened.session
     inputs = tuple(_spec(node) for node in session.get_inputs())
     outputs = tuple(_spec(node) for node in session.get_outputs())
     unsupported = [spec for spec in (*inputs, *outputs) if spec.datatype not in V2_TO_NUMPY]
     if unsupported:
         raise SessionError(f"{path}: {unsupported[0].name!r} is {unsupported[0].datatype}; bmc serve serves numeric tensors only")
+    if buckets is None:
+        buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch)
+    # The largest bucket's session also takes any other shape (a request of more rows than --max-batch).
+    bucket_sessions = {size: open_session().session for size in buckets[:-1]} | ({buckets[-1]: session} if buckets else {})
     model = ServedModel(
         name=name,
         path=Path(path),
@@ -91,10 +116,15 @@ def load_model(path: Path, name: str, expected_sha256: str | None, threads: int,
         inputs=inputs,
         outputs=outputs,
         metadata=ModelMetadata.from_props(model_file.metadata_props),
+        bucket_sessions=bucket_sessions,
     )
-    for batch in model.batch_buckets(max_batch) or (1,):
+    for batch in model.buckets or (1,):
         _warm_up(model, batch)
     return model
+
+
+def _can_merge(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> bool:
+    return all(spec.dims and spec.dims[0] is None for spec in (*inputs, *outputs))
 
 
 def _spec(node) -> TensorSpec:
