@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bmc.artifact import write_sidecar_sha256
+from bmc.bench.sessions import cuda_works
 from conftest import run_bmc
 
 SLOW_DIM = 2048
@@ -460,6 +461,9 @@ def test_each_bucket_runs_on_its_own_session_and_agrees_with_the_others(models):
 
     assert serving_buckets("cuda", True, 32) == (1, 4, 16, 32)
     assert serving_buckets("cpu", True, 32) == () and serving_buckets("cuda", False, 32) == ()
+    # Large models keep fewer copies of their weights on the GPU: batch 1 and the largest, or the largest alone.
+    assert serving_buckets("cuda", True, 32, model_bytes=400 << 20) == (1, 32)
+    assert serving_buckets("cuda", True, 32, model_bytes=1600 << 20) == (32,)
     model = load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4, buckets=(1, 4))
     assert model.buckets == (1, 4)
     one, four = model.bucket_sessions[1], model.bucket_sessions[4]
@@ -470,6 +474,20 @@ def test_each_bucket_runs_on_its_own_session_and_agrees_with_the_others(models):
         assert model.session_for({"input": x}) is expected_session
         np.testing.assert_allclose(model.run({"input": x})["output"], _reference(models["digits"], x), rtol=1e-5, atol=1e-5)
     assert load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4).bucket_sessions == {}
+
+
+@pytest.mark.skipif(
+    not cuda_works(), reason="needs a CUDA GPU that onnxruntime's CUDA provider really runs on (none on CI or the project machines)"
+)
+def test_on_cuda_every_bucket_gets_its_own_gpu_session(models):
+    from bmc.serve_edge.models import load_model
+
+    model = load_model(models["digits"], "digits", None, threads=1, device="cuda", max_batch=8)
+    assert model.device == "cuda" and model.buckets == (1, 4, 8)
+    sessions = [model.bucket_sessions[size] for size in model.buckets]
+    assert len({id(s) for s in sessions}) == 3 and all("CUDAExecutionProvider" in s.get_providers() for s in sessions)
+    x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(model.run({"input": x})["output"], _reference(models["digits"], x), rtol=1e-3, atol=1e-3)
 
 
 def test_live_answers_while_models_load_and_ready_waits_for_them(workdir):

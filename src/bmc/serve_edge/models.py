@@ -66,7 +66,11 @@ class ServedModel:
         }
 
 
-def serving_buckets(device: str, can_merge: bool, max_batch: int) -> tuple[int, ...]:
+# GPU memory the copies of one model's weights may take across its bucket sessions.
+BUCKET_WEIGHTS_BUDGET_BYTES = 1 << 30
+
+
+def serving_buckets(device: str, can_merge: bool, max_batch: int, model_bytes: int = 0) -> tuple[int, ...]:
     """The batch sizes the batcher pads to on CUDA: powers of 4 up to max_batch, and max_batch; none elsewhere.
 
     onnxruntime's CUDA provider rebuilds its convolutions' cuDNN set-up whenever a session's input
@@ -75,11 +79,17 @@ def serving_buckets(device: str, can_merge: bool, max_batch: int) -> tuple[int, 
     search, 46 ms with the heuristic one). A batcher changes shape all the time, so each bucket gets
     its own session, which only ever sees its one shape. Padding costs little on a GPU, where
     a batch of 32 takes about as long as a batch of 1 for small models; on a CPU a new shape costs
-    nothing and padding would cost compute. Powers of 4 keep the copies of the weights to a few.
+    nothing and padding would cost compute. Powers of 4 keep the copies of the weights to a few, and
+    a model too large for BUCKET_WEIGHTS_BUDGET_BYTES in copies keeps fewer: batch 1 and
+    max_batch, or max_batch alone (every batch padded to it: one shape, one copy).
     """
     if device != "cuda" or not can_merge or max_batch <= 1:
         return ()
-    return tuple(sorted({4**i for i in range(max_batch.bit_length()) if 4**i <= max_batch} | {max_batch}))
+    sizes = sorted({4**i for i in range(max_batch.bit_length()) if 4**i <= max_batch} | {max_batch})
+    copies = max(1, BUCKET_WEIGHTS_BUDGET_BYTES // max(1, model_bytes))
+    if len(sizes) > copies:
+        sizes = sizes[: copies - 1] + sizes[-1:]
+    return tuple(sizes)
 
 
 def load_model(
@@ -104,7 +114,7 @@ def load_model(
     if unsupported:
         raise SessionError(f"{path}: {unsupported[0].name!r} is {unsupported[0].datatype}; bmc serve serves numeric tensors only")
     if buckets is None:
-        buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch)
+        buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch, Path(path).stat().st_size)
     # The largest bucket's session also takes any other shape (a request of more rows than --max-batch).
     bucket_sessions = {size: open_session().session for size in buckets[:-1]} | ({buckets[-1]: session} if buckets else {})
     model = ServedModel(
