@@ -380,6 +380,23 @@ def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights(
         assert pruned(example).shape == (4, 10)
 
 
+def test_uniform_pruning_rounds_wide_layers_to_the_nearest_eight_and_narrow_ones_down():
+    import torch
+    from torch import nn
+
+    from bmc.compress.prune import UNIFORM, _plan, _pruned_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    example = torch.randn(1, 16)
+    plan, left_dense = _plan(model, example, 0.3, 8, UNIFORM)
+    pruned = _pruned_copy(model, example, plan)
+    # 70% of 12 is 8.4: down to 8; 70% of 100 is 70: to the nearest eight, 72 (down would be 64).
+    assert [m.out_features for m in pruned if isinstance(m, nn.Linear)] == [8, 72, 10] and left_dense == ["4"]
+    with torch.no_grad():
+        assert pruned(torch.randn(3, 16)).shape == (3, 10)
+
+
 def test_residual_blocks_are_found_by_tracing_and_dropping_one_equals_zeroing_its_branch():
     import torch
     import torchvision
