@@ -62,7 +62,7 @@ class EpochProfiler:
             self.profiler.__exit__(None, None, None)
 
 
-def kernel_gaps(events, wall_us: float) -> dict:
+def kernel_gaps(events) -> dict:
     """Idle stretches of the GPU between consecutive kernels, from the profiler's event list."""
     kernels = sorted(
         (e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
@@ -122,7 +122,7 @@ def main() -> None:
     copies = {e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1000, 1)} for e in averages if "Memcpy" in e.key or e.key == "aten::copy_"}
     top_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     profiled = history[-1]
-    gaps = kernel_gaps(events, progress.wall_seconds * 1e6) if cuda else {}
+    gaps = kernel_gaps(events) if cuda else {}
 
     print_table(
         f"bmc train, {args.model}, batch {args.batch_size}, {args.device}, compile {args.compile_mode}",

@@ -141,8 +141,8 @@ def main() -> None:
     rows, measurements = [], []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         runs = [bmc_loop(data_dir, args.model, batch_size, args.device, args.epochs)]
-        compile_modes = (["auto"] if args.compile else []) + [m for m in args.compile_modes.split(",") if m and (m != "auto" or not args.compile)]
-        for mode in compile_modes:
+        compile_modes = (["auto"] if args.compile else []) + [m for m in args.compile_modes.split(",") if m]
+        for mode in dict.fromkeys(compile_modes):  # each mode once, in the order asked
             runs.append(bmc_loop(data_dir, args.model, batch_size, args.device, args.epochs, compile_mode=mode))
         theirs = documents_loop_img_per_s(data_dir, args.model, batch_size, args.documents_images, args.device)
         flops = training_flops_per_image(args.model, batch_size, args.device) if args.device == "cuda" else None

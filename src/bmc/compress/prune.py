@@ -314,15 +314,11 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
                 joined += 1
                 continue
             indices = list(group[0].idxs)
+            channels = pruner.DG.get_out_channels(group[0].dep.target.module)
             if strategy.keep_residual_channels and round_to:
                 indices = _rounded_selection(pruner.DG, group, importance, round_to, memo)
-            elif (
-                round_to
-                and not strategy.global_ranking
-                and pruner.DG.get_out_channels(group[0].dep.target.module) >= WIDE_LAYER_CHANNELS
-                and not _has_grouped_convolution(group)
-            ):
-                channels = pruner.DG.get_out_channels(group[0].dep.target.module)
+            elif round_to and not strategy.global_ranking and channels >= WIDE_LAYER_CHANNELS and not _has_grouped_convolution(group):
+                # Torch-Pruning's selection was rounded down: rounded again from what it kept before that.
                 indices = _rounded_selection(pruner.DG, group, importance, round_to, memo, kept=int(channels * (1 - channel_ratio)))
             if indices:
                 plan.append((scope, names[group[0].dep.target.module], group[0].dep.handler, indices))

@@ -126,12 +126,12 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     trained_model = model
     if placement.distributed:
         trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    compile_mode = _compile_mode(config.compile_mode, device, placement.distributed)
-    if config.compile:
+    compile_mode = _compile_mode(config.compile_mode, device, placement.distributed) if config.compile else None
+    if compile_mode is not None:
         trained_model = torch.compile(trained_model, mode=compile_mode)
     # CUDA graphs reuse their output memory: each step is declared new, so nothing of the last
     # step's replay is read after the next one overwrote it.
-    graphed_steps = config.compile and compile_mode == "reduce-overhead" and device.type == "cuda"
+    graphed_steps = compile_mode == "reduce-overhead" and device.type == "cuda"
     # bf16 keeps fp32's range, so it needs no loss scaling; fp16 (GPUs without bf16) does.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -164,7 +164,7 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     meta["model"]["pruned"] = initial_model is not None
     meta["model"]["dropped_blocks"] = dropped_blocks(model)
     meta["model"]["distilled"] = teacher is not None
-    meta["environment"]["compile_mode"] = compile_mode if config.compile else None
+    meta["environment"]["compile_mode"] = compile_mode
     if progress and placement.is_main:
         progress.start(run_dir, config, first_epoch)
 
