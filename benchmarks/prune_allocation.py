@@ -7,8 +7,9 @@ counts alone. This measures the ground truth behind that choice on a trained res
 each configuration keeps a fraction of the residual channels (shared by a stage's additions) and
 of the block-internal channels, per stage, rounded to multiples of 8 and ranked by L1 norm; each
 is exported, quantized by the recipe bmc tries first on this CPU, and timed with the dense model
-in the same run. With --finetune-epochs, each is also fine-tuned as `bmc compress` does (a tenth of
-the recipe's rate, distilled from the dense model) and its test accuracy reported.
+in the same run. With --finetune-epochs, each is also fine-tuned as `bmc compress` does (the run's own
+schedule rewound, distilled from the dense model; --finetune-lr-scale 0.1 for the tenth of the rate
+compress used before) and its test accuracy reported.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a trained resnet20/resnet56 run directory")
     parser.add_argument("--configs", nargs="*", default=None, help=f"a subset of: {', '.join(CONFIGS)}")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="0: latency only")
+    parser.add_argument("--finetune-lr-scale", type=float, default=1.0, help="peak rate against the run's own (1: rewound, as compress)")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per model and batch size")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -134,7 +136,8 @@ def main() -> None:
             if args.finetune_epochs and results[name]["macs_removed"] == 0:
                 results[name]["test_accuracy"] = meta["history"][-1]["test_accuracy"]  # nothing pruned: the run's own
             elif args.finetune_epochs:
-                results[name]["test_accuracy"] = _finetune(pruned, model, meta, args.finetune_epochs, Path(scratch) / f"run-{index}")
+                results[name]["test_accuracy"] = _finetune(pruned, model, meta, args.finetune_epochs, args.finetune_lr_scale,
+                                                          Path(scratch) / f"run-{index}")
                 print(f"{name}: {results[name]}", flush=True)
         # Every model in one bench, several rounds, each model's best median: ratios within one run.
         _, best = bench_rounds(files, BenchConfig(batch_sizes=(1, 32), seconds=args.seconds / 3), 3)
@@ -151,16 +154,16 @@ def main() -> None:
     print_table(f"{meta['model']['name']} pruned by stage (speed-ups against the first configuration's fp32; int8 {recipe.name})",
                 ["configuration", "MACs removed", "params removed", "int8 smaller", "fp32 b1", "fp32 b32", "int8 b1", "int8 b32",
                  "test accuracy"], rows)
-    write_results("prune_allocation", {"run": str(args.run), "recipe": recipe.name, "finetune_epochs": args.finetune_epochs,
+    write_results("prune_allocation", {"run": str(args.run), "recipe": recipe.name, "finetune_epochs": args.finetune_epochs, "finetune_lr_scale": args.finetune_lr_scale,
                                        "reference": names[0], "configs": results}, args.out)
 
 
-def _finetune(pruned, teacher, meta, epochs: int, out: Path) -> float:
+def _finetune(pruned, teacher, meta, epochs: int, lr_scale: float, out: Path) -> float:
     from bmc.train import TrainConfig, train
 
     trained = TrainConfig.from_dict(meta["config"])
     shutil.rmtree(out, ignore_errors=True)
-    config = dataclasses.replace(trained, lr=trained.lr * 0.1, kd_temperature=4.0, kd_alpha=0.5, epochs=epochs, out=out)
+    config = dataclasses.replace(trained, lr=trained.lr * lr_scale, kd_temperature=4.0, kd_alpha=0.5, epochs=epochs, out=out)
     return train(config, initial_model=pruned, teacher=teacher, point_latest=False).final_metrics["test_accuracy"]
 
 

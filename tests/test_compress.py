@@ -9,6 +9,7 @@ from bmc.bench.sessions import cuda_works
 from bmc.compress import CompressConfig, compress
 from bmc.data import DataConfig
 from bmc.compress.quantize import Candidate, QuantizeConfig, candidate_recipes, judge, quantize_int8
+from bmc.environment import cpu_info
 from bmc.errors import BmcError, DataError, UsageError
 from bmc.export import ExportConfig, export
 from bmc.train import TrainConfig, train
@@ -27,7 +28,10 @@ def digits_onnx(workdir):
 def test_every_candidate_holds_int8_operators_and_the_choice_obeys_the_speed_guarantee(digits_onnx, workdir):
     config = QuantizeConfig(calib_samples=128, seconds_per_timing=0.2)
     result = quantize_int8(digits_onnx, workdir / "q", config)
-    assert len(result.candidates) == 3 and result.calibration == {"data": "digits", "samples": 128, "method": "minmax"}
+    # Routing convolutions to the GEMM kernels is a candidate only where one of them ran faster there.
+    recipes = [r.name for r in candidate_recipes(cpu_info()["flags"])]
+    assert [c.recipe for c in result.candidates] in (recipes, [r for r in recipes if not r.endswith("-gemm-conv")])
+    assert result.calibration == {"data": "digits", "samples": 128, "method": "minmax"}
     for candidate in result.candidates:
         assert candidate.accuracy is not None and candidate.size_bytes < 0.5 * result.baseline_size_bytes
         assert candidate.accepted == judge(candidate, config)[0]
@@ -64,6 +68,63 @@ def test_compacted_int8_files_compute_the_same_and_keep_layer_names_and_metadata
     batch = np.concatenate(calibration)[:32]
     outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {input_name: batch})[0] for p in paths.values()]
     assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_convolutions_routed_to_gemm_keep_their_values_and_depthwise_ones_stay_symmetric(workdir):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    from bmc.compress.quantize import QuantRecipe, quantize_with_recipe, route_convolutions_to_gemm, route_convolutions_where_faster
+    from bmc.export.onnx_export import torch_to_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(),  # depthwise
+        torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    )
+    torch_to_onnx(model, torch.zeros(1, 3, 16, 16), workdir / "m.onnx", 17)
+    rng = np.random.default_rng(0)
+    calibration = [rng.random((8, 3, 16, 16), dtype=np.float32) for _ in range(4)]
+    batch = rng.random((16, 3, 16, 16), dtype=np.float32)
+    for quant_format in ("QOperator", "QDQ"):
+        plain, routed = workdir / f"{quant_format}.onnx", workdir / f"{quant_format}-gemm.onnx"
+        recipe = QuantRecipe(quant_format, "uint8", "int8", reduce_range=True)
+        quantize_with_recipe(workdir / "m.onnx", plain, recipe, "input", calibration, "minmax", compact=False)
+        routed.write_bytes(plain.read_bytes())
+        assert len(route_convolutions_to_gemm(routed)) == 2  # the 3x3 and the 1x1, not the depthwise one
+
+        graph = onnx.load(routed).graph
+        constants = {c.name: numpy_helper.to_array(c) for c in graph.initializer}
+        producers = {o: n for n in graph.node for o in n.output}
+        convolutions = [n for n in graph.node if n.op_type in ("QLinearConv", "Conv")]
+        zero_points = []
+        for node in convolutions:
+            name = node.input[5] if node.op_type == "QLinearConv" else producers[node.input[1]].input[2]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            zero_points.append((group, set(constants[name].tolist())))
+        assert zero_points == [(1, {-1}), (16, {0}), (1, {-1})]
+
+        outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": batch})[0] for p in (plain, routed)]
+        # The same dequantized weights; only the kernel that multiplies them changes.
+        assert np.abs(outputs[0] - outputs[1]).max() <= 0.01 * np.abs(outputs[0]).max()
+        assert (outputs[0].argmax(1) == outputs[1].argmax(1)).all()
+    assert QuantRecipe("QOperator", "uint8", "int8", reduce_range=True, gemm_convolutions=True).name == (
+        "QOperator-U8S8-per-channel-reduce-range-gemm-conv"
+    )
+
+    # Routed by measurement: whichever convolutions the profiles found faster in GEMM form, and only those.
+    chosen = workdir / "chosen.onnx"
+    chosen.write_bytes((workdir / "QOperator.onnx").read_bytes())
+    routed_names = route_convolutions_where_faster(chosen, (1, 4))
+    graph = onnx.load(chosen).graph
+    constants = {c.name: numpy_helper.to_array(c) for c in graph.initializer}
+    shifted = {n.name for n in graph.node if n.op_type == "QLinearConv" and constants[n.input[5]].any()}
+    assert shifted == set(routed_names) <= {n.name for n in graph.node if n.op_type == "QLinearConv"}
+    assert not list(workdir.glob(".chosen*"))
 
 
 def test_the_fallback_keeps_fp32_when_nothing_meets_the_bar(digits_onnx, workdir):
@@ -222,8 +283,12 @@ def test_a_candidate_within_timing_noise_of_the_fastest_wins_by_a_smaller_file()
 def test_recipes_follow_the_cpu():
     with_vnni = candidate_recipes(["avx2", "avx512_vnni"])
     without = candidate_recipes(["avx2", "fma"])
+    with_amx = candidate_recipes(["avx2", "avx512_vnni", "amx_int8"])
     assert with_vnni[0].name == "QDQ-U8S8-per-channel-reduce-range"
     assert without[0].name == "QOperator-U8S8-per-channel-reduce-range"
+    # Only AMX's int8 GEMM outruns onnxruntime's direct convolution kernels (see route_convolutions_to_gemm).
+    assert [r.name for r in with_amx] == [r.name for r in with_vnni] + ["QOperator-U8S8-per-channel-reduce-range-gemm-conv"]
+    assert not any(r.gemm_convolutions for r in with_vnni + without)
     # S8S8 measured 2-25x slower than fp32 on both kinds of CPU: never a candidate.
     assert all(not (r.activation_type == "int8") for r in with_vnni + without)
 

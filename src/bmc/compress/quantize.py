@@ -3,11 +3,12 @@
 The obvious call (`quantize_static` on a fresh export) often gives a slower model, or one that
 silently loses accuracy: which format and types are fast depends on the CPU (VNNI or not), and
 without VNNI the 16-bit intermediate sums of U8S8 saturate unless the weights use 7 bits
-(reduce_range). So bmc pre-processes the graph once, quantizes a short list of recipes that suit
-this CPU, measures every candidate against the fp32 model in the same run (speed at each batch
-size, accuracy on held-out data) and returns the fastest one that is faster everywhere and within
-the accuracy budget (the smallest file among those within timing noise of it), or keeps fp32 and
-says why. No torch here.
+(reduce_range); on a CPU with AMX, only onnxruntime's int8 GEMM uses it, not the direct
+convolution kernels that symmetric weights select. So bmc pre-processes the graph once, quantizes
+a short list of recipes that suit this CPU, measures every candidate against the fp32 model in the
+same run (speed at each batch size, accuracy on held-out data) and returns the fastest one that is
+faster everywhere and within the accuracy budget (the smallest file among those within timing noise
+of it), or keeps fp32 and says why. No torch here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 TIMING_ROUNDS = 3
 # Speed-ups closer than this are not told apart: rounds of the same model differ by 2-3% here.
 SPEED_TIE = 0.03
+# Runs per profiled session when choosing each convolution's kernel (route_convolutions_where_faster).
+PROFILE_ITERATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,17 @@ class QuantRecipe:
     weight_type: str
     per_channel: bool = True
     reduce_range: bool = False
+    gemm_convolutions: bool = False  # see route_convolutions_to_gemm
 
     @property
     def name(self) -> str:
         types = ("U8" if self.activation_type == "uint8" else "S8") + ("U8" if self.weight_type == "uint8" else "S8")
-        return f"{self.quant_format}-{types}" + ("-per-channel" if self.per_channel else "") + ("-reduce-range" if self.reduce_range else "")
+        return (
+            f"{self.quant_format}-{types}"
+            + ("-per-channel" if self.per_channel else "")
+            + ("-reduce-range" if self.reduce_range else "")
+            + ("-gemm-conv" if self.gemm_convolutions else "")
+        )
 
 
 def candidate_recipes(cpu_flags: list[str] | tuple[str, ...]) -> list[QuantRecipe]:
@@ -60,14 +69,19 @@ def candidate_recipes(cpu_flags: list[str] | tuple[str, ...]) -> list[QuantRecip
     run 1.4x (batch 1) and 1.9x (batch 32) faster than fp32 while QOperator U8S8 is 2x slower at
     batch 32 and S8S8 is 2-25x slower; reduce_range kept accuracy (86.58% against 86.42%).
     Without VNNI (the issue's anchors): QOperator U8S8 per-channel with reduce_range is the fast
-    and accurate one (1.45x / 1.71x, no accuracy loss), QDQ U8S8 next.
+    and accurate one (1.45x / 1.71x, no accuracy loss), QDQ U8S8 next. With AMX, one more: the
+    convolutions routed to onnxruntime's int8 GEMM, the only kernel of its that uses AMX tiles
+    (route_convolutions_to_gemm).
     """
     if any(flag in cpu_flags for flag in VNNI_FLAGS):
-        return [
+        recipes = [
             QuantRecipe("QDQ", "uint8", "int8", reduce_range=True),
             QuantRecipe("QOperator", "uint8", "uint8", reduce_range=True),
             QuantRecipe("QOperator", "uint8", "int8", reduce_range=True),
         ]
+        if "amx_int8" in cpu_flags:
+            recipes.append(QuantRecipe("QOperator", "uint8", "int8", reduce_range=True, gemm_convolutions=True))
+        return recipes
     return [
         QuantRecipe("QOperator", "uint8", "int8", reduce_range=True),
         QuantRecipe("QDQ", "uint8", "int8", reduce_range=True),
@@ -185,7 +199,12 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
         paths = []
         for recipe in candidate_recipes(flags):
             path = work / f"int8-{recipe.name}.onnx"
-            quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method, ranges_cache=_ranges_file(work, config.calib_method))
+            routed = quantize_with_recipe(
+                prepared, path, recipe, input_name, calibration, config.calib_method,
+                ranges_cache=_ranges_file(work, config.calib_method), batch_sizes=config.batch_sizes, threads=config.threads,
+            )
+            if recipe.gemm_convolutions and not routed:
+                continue  # no convolution ran faster as a GEMM: the same file as the recipe without it
             paths.append((recipe, path))
 
         reference = Path(baseline_path) if baseline_path is not None else model_path
@@ -239,7 +258,10 @@ def quantize_like(model_path: Path, target: Path, recipe_name: str, config: Quan
     work.mkdir(parents=True)
     try:
         prepared, input_name, calibration, _ = _prepare(Path(model_path), config, work)
-        quantize_with_recipe(prepared, work / "quantized.onnx", recipes[recipe_name], input_name, calibration, config.calib_method)
+        quantize_with_recipe(
+            prepared, work / "quantized.onnx", recipes[recipe_name], input_name, calibration, config.calib_method,
+            batch_sizes=config.batch_sizes, threads=config.threads,
+        )
         os.replace(work / "quantized.onnx", target)
         write_sidecar_sha256(target, sha256_file(target))
         return target
@@ -337,7 +359,10 @@ def _accuracy_fallback(model_path, prepared, recipes, candidates, input_name, ca
     other_method = "percentile" if config.calib_method != "percentile" else "entropy"
     path = work / f"int8-{recipe.name}-{other_method}.onnx"
     try:
-        quantize_with_recipe(prepared, path, recipe, input_name, calibration, other_method, ranges_cache=_ranges_file(work, other_method))
+        quantize_with_recipe(
+            prepared, path, recipe, input_name, calibration, other_method,
+            ranges_cache=_ranges_file(work, other_method), batch_sizes=config.batch_sizes, threads=config.threads,
+        )
         labelled.append((f"{recipe.name}, {other_method} calibration", path))
     except BmcError as exc:
         log.info("%s", exc)
@@ -347,7 +372,10 @@ def _accuracy_fallback(model_path, prepared, recipes, candidates, input_name, ca
             break
         excluded = tuple(name for name, _ in ranked[:count])
         path = work / f"int8-{recipe.name}-float{count}.onnx"
-        quantize_with_recipe(prepared, path, recipe, input_name, calibration, config.calib_method, excluded, _ranges_file(work, config.calib_method))
+        quantize_with_recipe(
+            prepared, path, recipe, input_name, calibration, config.calib_method, excluded,
+            _ranges_file(work, config.calib_method), batch_sizes=config.batch_sizes, threads=config.threads,
+        )
         labelled.append((f"{recipe.name}, {count} sensitive layer{'s' if count > 1 else ''} in float: {', '.join(excluded)}", path))
     if not labelled:
         return [], ""
@@ -380,7 +408,7 @@ def sensitive_nodes(prepared: Path, recipe: QuantRecipe, input_name: str, calibr
     batches = [np.concatenate(calibration)[:samples]]
     qdq = work / "scan-qdq.onnx"
     # compact=False: onnxruntime's activation matching reads the quantizer's own names.
-    quantize_with_recipe(prepared, qdq, dataclasses.replace(recipe, quant_format="QDQ"), input_name, batches, method, compact=False)
+    quantize_with_recipe(prepared, qdq, dataclasses.replace(recipe, quant_format="QDQ", gemm_convolutions=False), input_name, batches, method, compact=False)
     activations = {}
     for name, path in (("float", prepared), ("qdq", qdq)):
         augmented = work / f"scan-{name}-augmented.onnx"
@@ -475,8 +503,11 @@ def quantize_with_recipe(
     nodes_to_exclude: tuple[str, ...] = (),
     ranges_cache: Path | None = None,
     compact: bool = True,
-) -> None:
+    batch_sizes: tuple[int, ...] = (1, 32),
+    threads: int | None = None,
+) -> list[str]:
     """onnxruntime's quantize_static with one recipe, calibrated on `batches`; excluded nodes stay in float.
+    Returns the convolutions routed to the GEMM kernels (recipe.gemm_convolutions; else none).
 
     ranges_cache, a JSON file, keeps the calibrated ranges of `source` for the next recipe: they
     depend on the model, data and method only, so calibration runs once per method, not per recipe.
@@ -514,8 +545,91 @@ def quantize_with_recipe(
             )
     except Exception as exc:  # onnxruntime's quantizer raises many types
         raise BmcError(f"{source.name}: int8 quantization ({recipe.name}) failed: {_first_line(exc)}") from None
+    routed = route_convolutions_where_faster(target, batch_sizes, threads) if recipe.gemm_convolutions else []
     if compact:
         compact_constants(target)
+    return routed
+
+
+def route_convolutions_to_gemm(path: Path, only: set[str] | None = None) -> list[str]:
+    """Rewrite each int8 convolution with symmetric int8 weights (zero point 0, group 1) to the same
+    weights minus one and a zero point of -1: the same dequantized values, bit for bit, but
+    onnxruntime then runs the convolution through its int8 GEMM instead of its direct symmetric
+    convolution kernels, and on a CPU with AMX only the GEMM uses AMX tiles. Depthwise and grouped
+    convolutions keep zero points of 0: their kernels have no GEMM form and the fallback is 20x
+    slower. `only`: the names of the nodes to rewrite (default: every one that can be). Returns
+    the names of the nodes rewritten.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from bmc.artifact import atomic_write_bytes
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    constants = {c.name: c for c in graph.initializer if c.data_location != onnx.TensorProto.EXTERNAL}
+    producers = {output: node for node in graph.node for output in node.output}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    rewritten = []
+    for node in graph.node:
+        if next((a.i for a in node.attribute if a.name == "group"), 1) != 1 or (only is not None and node.name not in only):
+            continue
+        if node.op_type == "QLinearConv" and len(node.input) > 5:
+            weights, zero_point = node.input[3], node.input[5]
+        elif node.op_type == "Conv" and getattr(producers.get(node.input[1]), "op_type", "") == "DequantizeLinear":
+            dequantize = producers[node.input[1]]
+            if len(dequantize.input) < 3:
+                continue
+            weights, zero_point = dequantize.input[0], dequantize.input[2]
+        else:
+            continue
+        if weights not in constants or zero_point not in constants or users[weights] > 1 or users[zero_point] > 1:
+            continue  # a shared constant would change under another node too
+        values = numpy_helper.to_array(constants[weights])
+        zeros = numpy_helper.to_array(constants[zero_point])
+        if values.dtype != np.int8 or zeros.any() or values.size == 0 or values.min() < -127:
+            continue
+        constants[weights].CopyFrom(numpy_helper.from_array((values.astype(np.int16) - 1).astype(np.int8), weights))
+        constants[zero_point].CopyFrom(numpy_helper.from_array(np.full(zeros.shape, -1, np.int8), zero_point))
+        rewritten.append(node.name)
+    if rewritten:
+        atomic_write_bytes(path, model.SerializeToString())
+    return rewritten
+
+
+def route_convolutions_where_faster(path: Path, batch_sizes: tuple[int, ...] = (1, 32), threads: int | None = None) -> list[str]:
+    """Route to onnxruntime's int8 GEMM only the convolutions that run faster there, by the kernel
+    times of one profiled session of each form at each batch size; returns the routed nodes' names.
+
+    Which form wins depends on the layer's shape: with AMX on this Xeon (BENCHMARKS.md), every
+    convolution routed made torchvision resnet18 at 224 px 4.1x faster than fp32 at batch 32
+    instead of 2.9x, but mobilenet_v2's 1x1 convolutions and resnet20's 16-64 channel ones slower.
+    """
+    import re
+
+    from bmc.bench.profile import node_times_ms
+
+    everywhere = path.with_name(f".{path.stem}-gemm{path.suffix}")
+    shutil.copyfile(path, everywhere)
+    try:
+        candidates = route_convolutions_to_gemm(everywhere)
+        gain = dict.fromkeys(candidates, 0.0)
+        for batch in batch_sizes if candidates else ():
+            direct = node_times_ms(path, batch, PROFILE_ITERATIONS, threads)
+            gemm = node_times_ms(everywhere, batch, PROFILE_ITERATIONS, threads)
+            total = sum(direct.values()) or 1.0
+            for kernel, ms in direct.items():
+                # onnxruntime's layout pass renames "/conv1/Conv_quant" to "/conv1/Conv_quant_token_3".
+                node = re.sub(r"_token_\d+$", "", kernel)
+                if node in gain and kernel in gemm:
+                    gain[node] += (ms - gemm[kernel]) / total
+    finally:
+        everywhere.unlink(missing_ok=True)
+    faster = {node for node, share in gain.items() if share > 0}
+    return route_convolutions_to_gemm(path, only=faster) if faster else []
 
 
 def compact_constants(path: Path) -> None:
