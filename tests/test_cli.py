@@ -52,6 +52,15 @@ def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
         (["info", "nowhere"], 1, ["nowhere: no such run directory"]),
         (["compress"], 1, ["runs/latest does not exist", "bmc train"]),
         (["compress", "--prune", "1.2"], 2, ["prune must be in [0, 0.95]"]),
+        (["train", "--resume", "nowhere", "--dataset", "iris", "--epochs", "3"], 2, ["--resume continues nowhere", "drop --dataset, --epochs"]),
+        (["train", "--lr", "nan"], 2, ["lr must be in (0, 100]; got nan"]),
+        (["train", "--label-smoothing", "nan"], 2, ["label_smoothing must be in"]),
+        (["compress", "--kd-alpha", "nan"], 2, ["kd_alpha must be in [0, 1]"]),
+        (["compress", "--threads", "0"], 2, ["threads must be in [1, 1024]"]),
+        (["compress", "--quantize", "qat", "--finetune-epochs", "0"], 2, ["--finetune-epochs 0 leaves nothing to train"]),
+        (["bench", "--csv", "/dev/null/x.csv"], 2, ["/dev/null/x.csv: /dev/null is a file, not a directory"]),
+        (["serve", "nowhere.onnx"], 1, ["nowhere.onnx: no such file"]),
+        (["train", "--epochs", "1", "--out", "/proc/bmc-run"], 1, ["/proc/bmc-run: No such file or directory"]),
     ],
 )
 def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code, fragments):

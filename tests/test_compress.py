@@ -1,8 +1,10 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from bmc.artifact import sha256_file
 from bmc.bench.sessions import cuda_works
@@ -125,6 +127,32 @@ def test_convolutions_routed_to_gemm_keep_their_values_and_depthwise_ones_stay_s
     shifted = {n.name for n in graph.node if n.op_type == "QLinearConv" and constants[n.input[5]].any()}
     assert shifted == set(routed_names) <= {n.name for n in graph.node if n.op_type == "QLinearConv"}
     assert not list(workdir.glob(".chosen*"))
+
+
+def test_histogram_calibration_takes_a_number_of_samples_that_is_no_multiple_of_the_batch(digits_onnx, workdir):
+    from bmc.compress.quantize import QuantRecipe, _prepare, quantize_with_recipe
+
+    prepared, input_name, calibration, _ = _prepare(digits_onnx, QuantizeConfig(calib_samples=100), workdir)
+    assert [len(b) for b in calibration] == [32, 32, 32, 4]
+    for method in ("entropy", "percentile"):
+        target = workdir / f"{method}.onnx"
+        quantize_with_recipe(prepared, target, QuantRecipe("QOperator", "uint8", "int8", reduce_range=True), input_name, calibration, method)
+        assert "QLinearConv" in {n.op_type for n in onnx.load(target).graph.node}
+
+
+def test_a_second_compress_into_the_same_directory_leaves_nothing_stale_and_a_failed_one_loses_nothing(digits_onnx, workdir):
+    quick = QuantizeConfig(calib_samples=64, seconds_per_timing=0.1, min_speedup=0.01)
+    first = compress(CompressConfig(quantize="int8", quantization=quick, out=Path("c")))
+    assert first.result.endswith("model-int8.onnx")
+    before = sorted(p.name for p in Path("c").iterdir())
+
+    with pytest.raises(BmcError):
+        compress(CompressConfig(quantize="int8", quantization=dataclasses.replace(quick, calib_data="iris"), out=Path("c")))
+    assert sorted(p.name for p in Path("c").iterdir()) == before
+
+    second = compress(CompressConfig(quantize="none", out=Path("c")))
+    assert not second.result.endswith("model-int8.onnx")
+    assert sorted(p.name for p in Path("c").iterdir()) == ["compress_report.json"]
 
 
 def test_the_fallback_keeps_fp32_when_nothing_meets_the_bar(digits_onnx, workdir):
@@ -320,6 +348,7 @@ def test_fp16_on_cpu_is_kept_only_when_measured_faster(digits_onnx, workdir):
         assert report.result == str(half) and half.is_file()
     else:  # kept fp32, and the slower candidate is not left beside it
         assert Path(report.result).resolve() == digits_onnx.resolve() and not half.exists() and stage["note"].startswith("kept fp32")
+        assert stage["path"] == ""  # the report does not name the file it deleted
 
 
 needs_no_gpu = pytest.mark.skipif(cuda_works(), reason="checks what happens where onnxruntime has no CUDA provider")
@@ -406,10 +435,46 @@ def test_gradual_pruning_reaches_the_target_in_steps(workdir):
 
 
 def test_magnitude_pruning_zeroes_weights_and_says_it_does_not_speed_up(workdir):
+    from bmc.checkpoint import load_model
+
     train(TrainConfig(epochs=5))
-    report = compress(CompressConfig(prune=0.5, prune_method="magnitude", quantize="none", finetune_epochs=0))
+    for epochs in (0, 1):
+        report = compress(CompressConfig(prune=0.5, prune_method="magnitude", quantize="none", finetune_epochs=epochs, out=Path(f"c{epochs}")))
+        prune = next(s for s in report.stages if s["stage"] == "prune")
+        assert 0.49 <= prune["weights_zeroed"] <= 0.51 and "speed is unchanged" in prune["note"]
+        # Fine-tuning keeps the zeros: the saved model is as sparse as the report says, layer by layer.
+        model, _ = load_model(Path(f"c{epochs}") / "pruned-run")
+        weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert 0.49 <= sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) <= 0.51
+        assert all((w == 0).any() for w in weights)
+
+
+def test_a_transformer_keeps_its_model_width_and_loses_feed_forward_channels_so_the_pruned_run_loads(workdir, capfd):
+    from bmc.checkpoint import load_model
+
+    train(TrainConfig(model="seed-transformer", model_args={"preset": "tiny"}, epochs=1))
+    report = compress(CompressConfig(prune=0.5, quantize="none", finetune_epochs=1))
+    model, _ = load_model(Path(report.out_dir) / "pruned-run")  # failed before: LayerNorm and attention were cut
+    original, _ = load_model(Path("runs/latest"))
+    layers = {name: m for name, m in model.named_modules() if name.endswith("linear1")}
+    assert layers and all(m.out_features < original.get_submodule(name).out_features for name, m in layers.items())
+    assert all(m.normalized_shape == original.get_submodule(n).normalized_shape for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm))
     prune = next(s for s in report.stages if s["stage"] == "prune")
-    assert 0.49 <= prune["weights_zeroed"] <= 0.51 and "speed is unchanged" in prune["note"]
+    assert 0 < prune["macs_removed"] < 0.5 and any("not the 50% asked" in note for note in report.notes)
+    assert "Torch-Pruning" not in capfd.readouterr().err
+
+
+def test_pruning_that_costs_more_than_the_budget_says_so():
+    from bmc.compress.pipeline import _pruning_cost
+
+    stage = {"original_test_metrics": {"test_accuracy": 0.98}, "test_metrics": {"test_accuracy": 0.805}}
+    assert _pruning_cost(stage, 1.0) == [
+        "pruning cost 17.50 points of test accuracy, more than the 1-point budget (--max-accuracy-drop): "
+        "fine-tune longer (--finetune-epochs) or prune less"
+    ]
+    assert _pruning_cost(stage, 20.0) == []
+    regression = {"original_test_metrics": {"test_r2": 0.098}, "test_metrics": {"test_r2": -0.19}}
+    assert _pruning_cost(regression, 1.0) == ["pruning lowered the test R² from 0.098 to -0.190: fine-tune longer (--finetune-epochs) or prune less"]
 
 
 def test_pruning_strategies_are_timed_and_fastest_picks_by_latency(workdir):

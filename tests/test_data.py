@@ -98,6 +98,7 @@ def test_undecodable_images_are_skipped_and_counted(workdir, cifar_slice, tmp_pa
         ("empty", "no train/ folder in"),
         ("no_test", "no test/ folder in"),
         ("no_images", "holds no images"),
+        ("empty_class", "class folders without images: b "),
     ],
 )
 def test_imagefolder_bad_trees_fail_clearly(tmp_path, layout, message):
@@ -109,6 +110,13 @@ def test_imagefolder_bad_trees_fail_clearly(tmp_path, layout, message):
         (root / "train" / "a" / "notes.txt").write_text("x")
     if layout == "no_images":
         (root / "test" / "a").mkdir(parents=True)
+    if layout == "empty_class":
+        from PIL import Image
+
+        for split in ("train", "test"):
+            (root / split / "a").mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / "a" / "1.png")
+        (root / "train" / "b").mkdir()
     with pytest.raises(DataError, match=message):
         load_dataset(DataConfig(name="imagefolder", data_dir=root, cache_dir=tmp_path / "cache"))
 

@@ -111,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         code = _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        if debug:
+            raise
+        # A path given that cannot be read or written (a file where a directory should be, /proc,
+        # no permission): the system's own words, after the path.
+        code = _fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"{type(exc).__name__}: {exc}", 1)
+    except MemoryError:
+        if debug:
+            raise
+        code = _fail("out of memory (rerun with --debug for the traceback)", 1)
     except Exception as exc:  # the last line of defence: still one line, unless --debug
         if debug:
             raise

@@ -104,12 +104,13 @@ def compress_command(
             for candidate in stage["candidates"]:
                 speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate["speedup"].items())
                 drop = candidate["accuracy_drop_points"]
-                accuracy = f", {drop:+.2f} pt" if drop is not None else ""
+                # The change in accuracy, as the summary table shows it: minus is a loss.
+                accuracy = f", {-drop:+.2f} pt" if drop is not None else ""
                 if stage["chosen_recipe"] == candidate["recipe"]:
                     mark = "chosen"
                 else:
                     mark = "accepted, not the fastest" if candidate["accepted"] else "rejected: " + candidate["reason"]
-                typer.echo(f"  {candidate['recipe']:<40} {speed}{accuracy}  [{mark}]")
+                typer.echo(f"  {candidate['recipe']:<50} {speed}{accuracy}  [{mark}]")
             typer.echo(stage["note"])
         if stage["stage"] == "quantize" and stage["method"] == "fp16":
             typer.echo(stage["note"])

@@ -36,7 +36,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+# What --resume takes from the run itself: given again on the command line, they would be ignored.
+RUN_SETTINGS = (
+    "model", "model_arg", "dataset", "data_dir", "image_size", "input_shape", "epochs", "batch_size", "lr", "optimizer",
+    "schedule", "label_smoothing", "weight_decay", "precision", "channels_last", "compile", "compile_mode", "seed", "out",
+)
+
+
 def train_command(
+    ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture (see `bmc info`); default: the data set's."),
     model_arg: list[str] = typer.Option([], "--model-arg", help="Architecture argument KEY=VALUE, repeatable (e.g. preset=small)."),
     dataset: str = typer.Option("digits", "--dataset", "-d", help="Data set (see `bmc info`)."),
@@ -69,6 +77,12 @@ def train_command(
     from bmc.data import DataConfig
     from bmc.train import TrainConfig, train
 
+    if resume is not None:
+        # By name: typer's ParameterSource is not click's class, depending on the version.
+        given = [name for name in RUN_SETTINGS if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"--resume continues {resume} with the settings it was started with; drop {options}")
     config = TrainConfig(
         data=DataConfig(
             name=dataset,

@@ -67,6 +67,13 @@ class CompressConfig:
             raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
         if self.target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        if not 0 < self.kd_temperature <= 100:
+            raise UsageError(f"kd_temperature must be in (0, 100]; got {self.kd_temperature}")
+        if not 0 <= self.kd_alpha <= 1:
+            raise UsageError(f"kd_alpha must be in [0, 1]; got {self.kd_alpha}")
+        if self.finetune_epochs == 0 and (self.quantize == "qat" or self.student):
+            what = "quantization-aware fine-tuning" if self.quantize == "qat" else "training the student"
+            raise UsageError(f"--finetune-epochs 0 leaves nothing to train: {what} needs at least 1 epoch")
         if self.student is not None and self.prune > 0:
             raise UsageError("--student trains a new, smaller architecture; prune either the teacher or the student's run, not both at once")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,13 +32,56 @@ def run_pipeline(config: CompressConfig) -> CompressReport:
         out_dir = Path(config.out) if config.out else run_dir / "compressed"
         onnx_path = run_dir / "model.onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _set_aside_previous_results(out_dir, {onnx_path, run_dir})
+    try:
+        report = _run_stages(config, run_dir, onnx_path, out_dir)
+    except BaseException:
+        _restore_previous_results(previous, out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return report
+
+
+# What a compress run writes into its output directory (besides the .quantize scratch).
+STAGE_ARTIFACTS = ("model-int8.onnx", "model-int8-unpruned.onnx", "model-fp16.onnx", "pruned-run", "student-run", "qat-run", "qat", REPORT)
+
+
+def _set_aside_previous_results(out_dir: Path, sources: set) -> Path:
+    """Move an earlier run's results out of the way, so a second compress into the same directory
+    leaves nothing stale beside its own results (an old model-int8.onnx that bench would pick up),
+    yet loses nothing when it fails: _restore_previous_results puts them back."""
+    previous = out_dir / ".previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    sources = {Path(s).resolve() for s in sources if s is not None}
+    for entry in sorted(out_dir.iterdir()):
+        artifact = entry.name.removesuffix(".sha256")
+        if (artifact in STAGE_ARTIFACTS or artifact.startswith("pruned-step")) and entry.resolve() not in sources:
+            previous.mkdir(exist_ok=True)
+            entry.rename(previous / entry.name)
+    return previous
+
+
+def _restore_previous_results(previous: Path, out_dir: Path) -> None:
+    if not previous.is_dir():
+        return
+    for entry in previous.iterdir():
+        target = out_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        entry.rename(target)
+    previous.rmdir()
+
+
+def _run_stages(config: CompressConfig, run_dir: Path | None, onnx_path: Path, out_dir: Path) -> CompressReport:
     report = CompressReport(out_dir=str(out_dir), source_onnx=str(onnx_path))
     if run_dir is not None and not onnx_path.is_file():
         from bmc.export import ExportConfig, export
 
         exported = export(ExportConfig(run_dir=run_dir))
         report.stages.append({"stage": "export", **exported.summary()})
-    original_onnx, data, data_dir = onnx_path, *_evaluation_data(run_dir, config)
+    original_onnx, data, data_dir = onnx_path, *_evaluation_data(run_dir, onnx_path, config)
     # Calibration reads the run's own data set and folder unless told otherwise: an imagefolder run
     # fine-tuned for minutes must not then fail for want of --calib-data-dir (it did, on resnet20).
     config = replace(config, quantization=replace(config.quantization or QuantizeConfig(), calib_data=data, calib_data_dir=data_dir))
@@ -126,8 +170,9 @@ def _pruning_paid_off(result: dict, unpruned: dict, prune_stage: dict) -> list[s
     ]
 
 
-def _evaluation_data(run_dir: Path | None, config: CompressConfig) -> tuple[str | None, Path | None]:
-    """The data set (and folder) the summary's accuracy is measured on: --calib-data, else the run's own."""
+def _evaluation_data(run_dir: Path | None, onnx_path: Path, config: CompressConfig) -> tuple[str | None, Path | None]:
+    """The data set (and folder) the summary's accuracy is measured on: --calib-data, else the
+    run's own, else the one an ONNX file's metadata names (as calibration reads it)."""
     quantization = config.quantization
     data = quantization.calib_data if quantization else None
     data_dir = quantization.calib_data_dir if quantization else None
@@ -137,6 +182,11 @@ def _evaluation_data(run_dir: Path | None, config: CompressConfig) -> tuple[str 
         trained = read_meta(run_dir)["config"]["data"]
         data = trained["name"]
         data_dir = data_dir or (Path(trained["data_dir"]) if trained.get("data_dir") else None)
+    elif data is None:
+        from bmc.bench.model_file import open_model
+        from bmc.export.metadata import ModelMetadata
+
+        data = ModelMetadata.from_props(open_model(onnx_path).metadata_props).dataset or None
     return data, data_dir
 
 
@@ -185,7 +235,6 @@ def _qat_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressCo
     model before fine-tuning; returns the int8 file, or None when fp32 is kept."""
     import copy
     import dataclasses
-    import shutil
 
     from bmc.checkpoint import load_model
     from bmc.compress import FINETUNE_EPOCHS
@@ -246,16 +295,16 @@ def _fp16_stage(run_dir: Path, fp32_path: Path, out_dir: Path, config: CompressC
     report.stages.append({"stage": "quantize", "method": "fp16", **half.summary(), **judged.to_dict()})
     if judged.accepted:
         return str(half.path)
-    # A rejected candidate is not left beside the result, as with int8.
+    # A rejected candidate is not left beside the result, as with int8, nor named as if it were.
     half.path.unlink(missing_ok=True)
     Path(f"{half.path}.sha256").unlink(missing_ok=True)
+    report.stages[-1]["path"] = ""
     return str(fp32_path)
 
 
 def _distill_into_student(run_dir: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> Path:
     """Train config.student from scratch on the teacher run's data, with Hinton's loss against the teacher."""
     import dataclasses
-    import shutil
 
     from bmc.checkpoint import load_model
     from bmc.export import ExportConfig, export
@@ -305,10 +354,24 @@ def _distill_into_student(run_dir: Path, out_dir: Path, config: CompressConfig, 
     return run.run_dir
 
 
+def _pruning_cost(stage: dict, budget_points: float) -> list[str]:
+    """A note when the pruned, fine-tuned model lost more than the accuracy budget: pruning is what
+    the user asked for, so it stays the result, but not silently (a digits CNN pruned by half with
+    one epoch of fine-tuning lost 17.5 points)."""
+    before, after = stage["original_test_metrics"], stage.get("test_metrics", {})
+    advice = "fine-tune longer (--finetune-epochs) or prune less"
+    if "test_accuracy" in before and "test_accuracy" in after:
+        lost = 100 * (before["test_accuracy"] - after["test_accuracy"])
+        if lost > budget_points:
+            return [f"pruning cost {lost:.2f} points of test accuracy, more than the {budget_points:g}-point budget (--max-accuracy-drop): {advice}"]
+    elif "test_r2" in before and "test_r2" in after and before["test_r2"] - after["test_r2"] > budget_points / 100:
+        return [f"pruning lowered the test R² from {before['test_r2']:.3f} to {after['test_r2']:.3f}: {advice}"]
+    return []
+
+
 def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, report: CompressReport) -> Path:
     """Prune the run's model (in --prune-iterations steps), fine-tune it (distilled from the original), and return the new run's directory."""
     import dataclasses
-    import shutil
 
     import torch
 
@@ -382,6 +445,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         if steps > 1:
             stage["iterations"] = history
     stage["original_test_metrics"] = {k: v for k, v in meta["history"][-1].items() if k.startswith("test_")}
+    report.notes += _pruning_cost(stage, (config.quantization or QuantizeConfig()).max_accuracy_drop_points)
     if config.prune_method == "l1-structured" and stage["macs_removed"] < config.prune - 0.005:
         report.notes.append(
             f"pruning removed {stage['macs_removed']:.1%} of the MACs, not the {config.prune:.0%} asked: that is all "
@@ -413,7 +477,7 @@ def _finetune(train, finetune, pruned, teacher, epochs: int, out: Path, stage: d
                      test_metrics={k: v for k, v in run.final_metrics.items() if k.startswith("test_")})
         return run
     run = train(dataclasses.replace(finetune, epochs=1, lr=1e-9, out=out), initial_model=pruned, point_latest=False)
-    stage.update(finetune_epochs=0)
+    stage.update(finetune_epochs=0, test_metrics={k: v for k, v in run.final_metrics.items() if k.startswith("test_")})
     return run
 
 

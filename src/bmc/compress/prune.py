@@ -14,6 +14,7 @@ import copy
 import gc
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -266,17 +267,17 @@ def _plan(
         ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
     names = {module: name for name, module in model.named_modules()}
     if not strategy.by_parts:
-        plan, joined = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, memo)
+        plan, joined, fixed = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, memo)
         if strategy.keep_residual_channels and not joined:
             return None, []  # no residual streams: the same as uniform, not a candidate of its own
-        return plan, [names[m] for m in ignored]
+        return plan, [names[m] for m in ignored] + fixed
     plan = []
     if ("inputs", id(model)) not in memo:  # one forward pass per search, not per step
         memo[("inputs", id(model))] = _part_inputs(model, example)
     inputs = memo[("inputs", id(model))]
     parts = _traceable_parts(model, inputs, memo)
     for part in parts:
-        found, _ = _plan_graph(part, model.get_submodule(part), inputs[part], names, ignored, channel_ratio, round_to, strategy, memo)
+        found, _, _ = _plan_graph(part, model.get_submodule(part), inputs[part], names, ignored, channel_ratio, round_to, strategy, memo)
         plan += [entry for entry in found if _keeps_part_shapes(model, inputs, entry, memo)]
     # Outside every part nothing is pruned; inside, each part's inputs and outputs keep their width.
     outside = [name for name, m in model.named_modules()
@@ -284,48 +285,70 @@ def _plan(
     return plan, outside
 
 
-def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, memo) -> tuple[PrunePlan, int]:
-    """The plan of one dependency graph (the whole model, or one part of it), and how many groups
-    joined residual streams (skipped where the strategy keeps them)."""
+def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, memo) -> tuple[PrunePlan, int, list[str]]:
+    """The plan of one dependency graph (the whole model, or one part of it), how many groups
+    joined residual streams (skipped where the strategy keeps them), and the layers left dense
+    because their group cuts a layer a pruned checkpoint cannot be rebuilt with."""
     import torch_pruning as tp
 
     importance = tp.importance.MagnitudeImportance(p=1)
     try:
-        pruner = tp.pruner.MetaPruner(
-            module,
-            _example_inputs(inputs),
-            importance=importance,
-            pruning_ratio=channel_ratio,
-            ignored_layers=[m for m in ignored if any(m is sub for sub in module.modules())],
-            # Torch-Pruning rounds kept channels down and skips a group that would round to none,
-            # which made MACs fall and rise again with the ratio once the residual streams are
-            # kept; that strategy rounds to the nearest multiple itself. Elsewhere layers of
-            # WIDE_LAYER_CHANNELS or more round to the nearest multiple too, narrower ones down:
-            # nearest rounding everywhere cut the digits CNN's 16-channel layer to 8 and cost 1.1
-            # points (3.6 in 3 gradual steps), while rounding down wide layers overshot the target
-            # (seed-mlp on digits: 57% of MACs for --prune 0.5, -1.39 points; 53% and -0.83 now).
-            round_to=None if strategy.keep_residual_channels else round_to,
-            global_pruning=strategy.global_ranking,
-        )
-        plan, joined = [], 0
-        # interactive: the pruner only proposes; nothing is removed from the model here.
-        for group in pruner.step(interactive=True):
-            if strategy.keep_residual_channels and _joins_outputs(group):
-                joined += 1
-                continue
-            indices = list(group[0].idxs)
-            channels = pruner.DG.get_out_channels(group[0].dep.target.module)
-            if strategy.keep_residual_channels and round_to:
-                indices = _rounded_selection(pruner.DG, group, importance, round_to, memo)
-            elif round_to and not strategy.global_ranking and channels >= WIDE_LAYER_CHANNELS and not _has_grouped_convolution(group):
-                # Torch-Pruning's selection was rounded down: rounded again from what it kept before that.
-                indices = _rounded_selection(pruner.DG, group, importance, round_to, memo, kept=int(channels * (1 - channel_ratio)))
-            if indices:
-                plan.append((scope, names[group[0].dep.target.module], group[0].dep.handler, indices))
+        with warnings.catch_warnings():
+            # It warns of each raw parameter it meets (a Transformer's positions); what bmc leaves dense is in the report.
+            warnings.filterwarnings("ignore", module="torch_pruning")
+            pruner = tp.pruner.MetaPruner(
+                module,
+                _example_inputs(inputs),
+                importance=importance,
+                pruning_ratio=channel_ratio,
+                ignored_layers=[m for m in ignored if any(m is sub for sub in module.modules())],
+                # Torch-Pruning rounds kept channels down and skips a group that would round to none,
+                # which made MACs fall and rise again with the ratio once the residual streams are
+                # kept; that strategy rounds to the nearest multiple itself. Elsewhere layers of
+                # WIDE_LAYER_CHANNELS or more round to the nearest multiple too, narrower ones down:
+                # nearest rounding everywhere cut the digits CNN's 16-channel layer to 8 and cost 1.1
+                # points (3.6 in 3 gradual steps), while rounding down wide layers overshot the target
+                # (seed-mlp on digits: 57% of MACs for --prune 0.5, -1.39 points; 53% and -0.83 now).
+                round_to=None if strategy.keep_residual_channels else round_to,
+                global_pruning=strategy.global_ranking,
+            )
+            plan, joined, fixed = [], 0, []
+            # interactive: the pruner only proposes; nothing is removed from the model here.
+            for group in pruner.step(interactive=True):
+                if strategy.keep_residual_channels and _joins_outputs(group):
+                    joined += 1
+                    continue
+                if not _rebuildable(group):
+                    fixed.append(names.get(group[0].dep.target.module, "?"))
+                    continue
+                indices = list(group[0].idxs)
+                channels = pruner.DG.get_out_channels(group[0].dep.target.module)
+                if strategy.keep_residual_channels and round_to:
+                    indices = _rounded_selection(pruner.DG, group, importance, round_to, memo)
+                elif round_to and not strategy.global_ranking and channels >= WIDE_LAYER_CHANNELS and not _has_grouped_convolution(group):
+                    # Torch-Pruning's selection was rounded down: rounded again from what it kept before that.
+                    indices = _rounded_selection(pruner.DG, group, importance, round_to, memo, kept=int(channels * (1 - channel_ratio)))
+                if indices:
+                    plan.append((scope, names[group[0].dep.target.module], group[0].dep.handler, indices))
     except (RuntimeError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
         # Torch-Pruning crashes on some graphs (shufflenet_v2's channel shuffle: ZeroDivisionError).
         raise BmcError(f"structured pruning failed on this architecture: {type(exc).__name__}: {exc}") from None
-    return plan, joined
+    return plan, joined, fixed
+
+
+# The layers checkpoint.shrink_to_state resizes when a pruned run is loaded again.
+REBUILDABLE_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+
+
+def _rebuildable(group) -> bool:
+    """Whether a pruned run could be loaded again after this group's cut: every layer it touches is
+    one shrink_to_state resizes, or one of Torch-Pruning's stand-ins for functional operations. A
+    Transformer's model width runs through LayerNorm, attention and a raw position parameter: cut,
+    the run saved fine and failed to load ("norm1.bias: [16] in the file, [32] in the model")."""
+    return all(
+        isinstance(dep.target.module, REBUILDABLE_LAYERS) or type(dep.target.module).__module__.startswith("torch_pruning")
+        for dep, _ in group
+    )
 
 
 def _part_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
@@ -404,7 +427,9 @@ def _graph(module: nn.Module, args: tuple):
     """Torch-Pruning's dependency graph of module, traced on its positional inputs."""
     import torch_pruning as tp
 
-    return tp.DependencyGraph().build_dependency(module, example_inputs=_example_inputs(args))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="torch_pruning")  # as in _plan_graph
+        return tp.DependencyGraph().build_dependency(module, example_inputs=_example_inputs(args))
 
 
 def _example_inputs(args: tuple):
@@ -497,8 +522,26 @@ def prune_magnitude(model: nn.Module, fraction: float) -> tuple[nn.Module, float
     threshold = torch.kthvalue(magnitudes, max(1, int(fraction * len(magnitudes)))).values
     zeroed = 0
     with torch.no_grad():
-        for weight in weights:
-            mask = weight.abs() <= threshold
-            weight[mask] = 0
-            zeroed += int(mask.sum())
+        for module in pruned.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                mask = module.weight.abs() <= threshold
+                module.weight[mask] = 0
+                zeroed += int(mask.sum())
+                module.register_forward_pre_hook(_KeepZeros(~mask))
     return pruned, zeroed / len(magnitudes)
+
+
+class _KeepZeros:
+    """A forward pre-hook that zeroes the pruned weights again before every forward: without it,
+    fine-tuning revives them (a digits CNN kept 16% zeros of the 50% pruned). The checkpoint is
+    written after the epoch's evaluation, a forward, so it holds the zeros; module hooks, unlike a
+    tensor's gradient hooks, survive the copy that training makes of its initial model."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.keep = keep
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if self.keep.device != module.weight.device:
+            self.keep = self.keep.to(module.weight.device)
+        with torch.no_grad():
+            module.weight.mul_(self.keep)

@@ -116,6 +116,8 @@ class QuantizeConfig:
             raise UsageError(f"min_speedup must be in (0, 1000]; got {self.min_speedup}")
         if not 0 < self.seconds_per_timing <= 60:
             raise UsageError(f"seconds_per_timing must be in (0, 60]; got {self.seconds_per_timing}")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise UsageError(f"threads must be in [1, 1024]; got {self.threads}")
 
 
 @dataclass
@@ -470,6 +472,16 @@ def calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32)
     return [preprocess(dataset.train_x[chosen[i : i + batch]], plan) for i in range(0, count, batch)]
 
 
+def _equal_batches(batches: list[np.ndarray]) -> list[np.ndarray]:
+    """The same samples in batches of one size: onnxruntime's histogram calibrators (entropy,
+    percentile) stack every batch's outputs into one array, which fails on a shorter last batch."""
+    if len({len(b) for b in batches}) <= 1:
+        return batches
+    samples = np.concatenate(batches)
+    size = max(d for d in range(1, len(batches[0]) + 1) if len(samples) % d == 0)
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
 def _reader(input_name: str, batches):
     """onnxruntime's calibration reader over our batches; len and set_range let it calibrate in strides."""
     from onnxruntime.quantization import CalibrationDataReader
@@ -528,7 +540,7 @@ def quantize_with_recipe(
             quantize_static(
                 str(source),
                 str(target),
-                _reader(input_name, batches),
+                _reader(input_name, batches if method == "minmax" else _equal_batches(batches)),
                 nodes_to_exclude=list(nodes_to_exclude),
                 quant_format=QuantFormat.QDQ if recipe.quant_format == "QDQ" else QuantFormat.QOperator,
                 per_channel=recipe.per_channel,

@@ -56,6 +56,11 @@ def list_split(root: Path, split: str, class_names: list[str] | None) -> tuple[l
                 files.append((path, index))
     if not files:
         raise DataError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if class_names is found:
+        # Every folder of train/ becomes a class: an empty one would be a class the model can never learn.
+        empty = sorted(set(found) - {found[index] for _, index in files})
+        if empty:
+            raise DataError(f"{split_dir} has class folders without images: {', '.join(empty)} (remove them or add images)")
     return class_names, files
 
 

@@ -46,7 +46,11 @@ def _download(dataset_class_name: str, root: Path, label: str) -> None:
 
 
 def _missing(label: str, root: Path, expected: Path) -> DataError:
-    return DataError(f"no {label} in {root} (expected {expected}); pass --data-dir DIR, or --download to fetch it")
+    # Read by train and bench (--data-dir) and by compress's calibration (--calib-data-dir); only train downloads.
+    return DataError(
+        f"no {label} in {root} (expected {expected}); point --data-dir (compress: --calib-data-dir) at it, "
+        "or fetch it once with `bmc train --dataset NAME --download`"
+    )
 
 
 # ---- MNIST and Fashion-MNIST: IDX files

@@ -33,6 +33,8 @@ def export_model(config: ExportConfig) -> ExportResult:
         target = repository / name / "1" / "model.onnx"
     else:
         target = Path(config.out) if config.out else default_dir / "model.onnx"
+        if target.is_dir():
+            target = target / "model.onnx"  # --out DIR: the file goes inside it, as its default name
     target.parent.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=".bmc-export-", dir=target.parent))

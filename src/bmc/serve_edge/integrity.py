@@ -19,6 +19,8 @@ def sidecar_path(model_path: Path) -> Path:
 
 def expected_sha256(model_path: Path, given: str | None) -> tuple[str, str]:
     """(hex digest, where it came from): the one given, else the sidecar's first field."""
+    if not model_path.is_file():
+        raise IntegrityError(f"{model_path}: {'a directory, not a model file' if model_path.is_dir() else 'no such file'}")
     if given:
         return given, "--sha256"
     sidecar = sidecar_path(model_path)

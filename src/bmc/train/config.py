@@ -48,7 +48,8 @@ def _check_choice(field_name: str, value, allowed) -> None:
 def _check_range(field_name: str, value, low, high, *, low_open: bool = False) -> None:
     if value is None:
         return
-    if value < low or value > high or (low_open and value == low):
+    # Written as "not inside" so that NaN, which compares false with everything, is refused too.
+    if not low <= value <= high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise UsageError(f"{field_name} must be in {bracket}{low}, {high}]; got {value}")
 
