@@ -54,6 +54,7 @@ def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
         (["compress", "--prune", "1.2"], 2, ["prune must be in [0, 0.95]"]),
         (["train", "--resume", "nowhere", "--dataset", "iris", "--epochs", "3"], 2, ["--resume continues nowhere", "drop --dataset, --epochs"]),
         (["train", "--lr", "nan"], 2, ["lr must be in (0, 100]; got nan"]),
+        (["export", "--model", "resnet20", "--num-classes", "0"], 2, ["num_classes must be in [1, 1000000]; got 0"]),
         (["train", "--label-smoothing", "nan"], 2, ["label_smoothing must be in"]),
         (["compress", "--kd-alpha", "nan"], 2, ["kd_alpha must be in [0, 1]"]),
         (["compress", "--threads", "0"], 2, ["threads must be in [1, 1024]"]),

@@ -63,6 +63,19 @@ def test_parity_failure_writes_nothing(digits_run):
     assert not any(p.name.startswith(".bmc-export-") for p in digits_run.run_dir.iterdir())
 
 
+def test_an_architecture_with_a_checkpoint_exports_as_its_run_with_the_runs_classes_and_data(digits_run, workdir):
+    from bmc.export import ExportError
+
+    name = digits_run.meta["model"]["name"]
+    result = export(ExportConfig(model=name, checkpoint=digits_run.run_dir, out=workdir / "m.onnx"))
+    metadata = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(result.path)).metadata_props})
+    assert metadata.dataset == "digits" and metadata.class_names == tuple(str(i) for i in range(10))
+    assert metadata.normalization == digits_run.meta["data"]["normalization"]
+    assert result.verified_on == "64 test samples of digits"
+    with pytest.raises(ExportError, match="holds a .*, not a resnet20"):
+        export(ExportConfig(model="resnet20", checkpoint=digits_run.run_dir, out=workdir / "x.onnx"))
+
+
 def test_bad_export_requests_fail_clearly(workdir):
     with pytest.raises(CheckpointError, match="runs/latest does not exist"):
         export(ExportConfig())

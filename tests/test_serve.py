@@ -202,6 +202,7 @@ BAD_REQUESTS = [
     ("numeric strings in FP32", _infer_body([1, 1, 8, 8], ["1.5"] * 64), {}, 400, "holds strings"),
     ("wrong dtype", _infer_body([1, 1, 8, 8], [1] * 64, datatype="INT64"), {}, 400, "the model takes FP32"),
     ("ragged data", _infer_body([1, 1, 8, 8], [[1, 2], [3]]), {}, 400, "ragged"),
+    ("beyond FP32", _infer_body([1, 1, 8, 8], [1e39] * 64), {}, 400, "outside the range of FP32"),
     ("empty batch", _infer_body([0, 1, 8, 8], []), {}, 400, "empty"),
     ("huge shape", _infer_body([10**12, 1, 8, 8], GOOD), {}, 400, "needs"),
     ("bad header length", _infer_body([1, 1, 8, 8], GOOD), {"Inference-Header-Content-Length": "999999"}, 400, "outside"),

@@ -66,6 +66,10 @@ class ExportConfig:
             raise UsageError(f"input_size must be in [1, 4096]; got {self.input_size}")
         if self.atol is not None and not 0 < self.atol <= 1:
             raise UsageError(f"atol must be in (0, 1]; got {self.atol}")
+        if not 1 <= self.num_classes <= 1_000_000:
+            raise UsageError(f"num_classes must be in [1, 1000000]; got {self.num_classes}")
+        if not 1 <= self.input_channels <= 4096:
+            raise UsageError(f"input_channels must be in [1, 4096]; got {self.input_channels}")
         if not 1 <= self.verify_samples <= 4096:
             raise UsageError(f"verify_samples must be in [1, 4096]; got {self.verify_samples}")
         if self.checkpoint is not None and self.model is None:

@@ -77,9 +77,13 @@ def _source(config: ExportConfig):
     from bmc.checkpoint import load_model
     from bmc.models import create_model, model_input_shape
 
-    if config.model is None:
-        run_dir = resolve_run_dir(config.run_dir)
+    if config.model is None or config.checkpoint is not None:
+        # --model NAME --checkpoint RUN is the run itself, once its architecture is checked: the
+        # run's classes, normalization and test samples, not placeholders.
+        run_dir = resolve_run_dir(config.checkpoint if config.checkpoint is not None else config.run_dir)
         model, meta = load_model(run_dir)
+        if config.model is not None and meta["model"]["name"] != config.model:
+            raise ExportError(f"{config.checkpoint} holds a {meta['model']['name']}, not a {config.model}")
         data = meta["data"]
         metadata = ModelMetadata(
             bmc_version=__version__,
@@ -97,16 +101,8 @@ def _source(config: ExportConfig):
         return model, metadata, inputs, verified_on, run_dir
 
     shape = (config.input_channels, config.input_size, config.input_size)
-    source_sha256 = ""
-    if config.checkpoint is not None:
-        model, meta = load_model(resolve_run_dir(config.checkpoint))
-        if meta["model"]["name"] != config.model:
-            raise ExportError(f"{config.checkpoint} holds a {meta['model']['name']}, not a {config.model}")
-        source_sha256 = meta["weights"]["sha256"]
-        shape = tuple(meta["model"]["input_shape"])
-    else:
-        torch.manual_seed(0)
-        model = create_model(config.model, shape, config.num_classes).eval()
+    torch.manual_seed(0)
+    model = create_model(config.model, shape, config.num_classes).eval()
     model_shape = model_input_shape(config.model, shape)
     metadata = ModelMetadata(
         bmc_version=__version__,
@@ -115,7 +111,6 @@ def _source(config: ExportConfig):
         input_shape=tuple(model_shape),
         data_input_shape=tuple(model_shape),
         normalization={"scale": 1.0, "mean": [0.0] * model_shape[0], "std": [1.0] * model_shape[0]},
-        source_sha256=source_sha256,
     )
     generator = torch.Generator().manual_seed(0)
     samples = min(config.verify_samples, 8 if max(model_shape) > 128 else config.verify_samples)

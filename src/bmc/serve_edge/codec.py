@@ -246,10 +246,10 @@ def _json_data(data: object, spec: TensorSpec, dtype: np.dtype, shape: tuple[int
             parsed.dtype.kind, parsed.dtype.name
         )
         raise RequestError(f"input {_shown(spec.name)} is {spec.datatype}; 'data' holds {kind}")
-    if dtype.kind in "iu" and count:
-        limits = np.iinfo(dtype)
-        if parsed.min() < limits.min or parsed.max() > limits.max:
-            raise RequestError(f"input {_shown(spec.name)}: values outside the range of {spec.datatype}")
+    limits = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype) if dtype.kind == "f" else None
+    # Beyond the range, the cast would give wrapped integers or infinities (1e39 as FP32): refused instead.
+    if limits is not None and count and (parsed.min() < limits.min or parsed.max() > limits.max):
+        raise RequestError(f"input {_shown(spec.name)}: values outside the range of {spec.datatype}")
     return parsed.astype(dtype, copy=False).reshape(shape)
 
 
