@@ -542,8 +542,12 @@ def test_signed_models_are_served_and_unsigned_or_tampered_ones_refused(models, 
     write_sidecar_sha256(model)
     assert run_bmc("sign", "--new-key", str(workdir / "key"), cwd=workdir).returncode == 0
     assert (workdir / "key").stat().st_mode & 0o777 == 0o600
-    other = run_bmc("sign", "--new-key", str(workdir / "other"), cwd=workdir)
-    assert other.returncode == 0
+    # A new pair and a signature in one call; without any key, nothing is written.
+    elsewhere = workdir / "elsewhere.onnx"
+    shutil.copy(models["digits"], elsewhere)
+    assert run_bmc("sign", str(elsewhere), cwd=workdir).returncode == 2 and not Path(f"{elsewhere}.sig").exists()
+    other = run_bmc("sign", "--new-key", str(workdir / "other"), str(elsewhere), cwd=workdir)
+    assert other.returncode == 0 and Path(f"{elsewhere}.sig").is_file()
 
     def serve_fails(public_key: str) -> str:
         result = run_bmc("serve", str(model), "--public-key", public_key, "--port", str(_free_port()), cwd=workdir, timeout=60)

@@ -143,6 +143,11 @@ def test_truncated_or_mismatched_checkpoints_fail_with_the_file_named(workdir):
     with pytest.raises(CheckpointError, match="bmc.json: corrupt JSON"):
         load_model(run.run_dir)
 
+    del meta["data"]
+    (run.run_dir / "bmc.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="bmc.json: missing or malformed field.s. data;"):
+        load_model(run.run_dir)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on CI or the project machines)")
 def test_cuda_run_uses_bf16_and_matches_cpu_accuracy(workdir):

@@ -131,6 +131,10 @@ def read_meta(run_dir: Path) -> dict:
             f"{path}: format_version {meta['format_version']} is newer than this bmc understands "
             f"({META_FORMAT_VERSION}); upgrade bmc"
         )
+    # Every command reads these; one missing is a broken file, said here rather than as a KeyError deep in a stage.
+    missing = [name for name in ("model", "weights", "data", "config") if not isinstance(meta.get(name), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: missing or malformed field(s) {', '.join(missing)}; not a complete bmc run description")
     return meta
 
 

@@ -17,12 +17,13 @@ def sign_command(
     from bmc.errors import UsageError
     from bmc.signing import new_key_pair, sign_model
 
+    if models and key is None and new_key is None:
+        raise UsageError("--key PRIVATE.pem is needed to sign (create one with --new-key)")
     if new_key is not None:
         public = new_key_pair(new_key)
         typer.echo(f"wrote {new_key} (private, keep it secret) and {public} (give it to bmc serve --public-key)")
+        key = key or new_key  # --new-key with models: create the pair, then sign with it
     if models:
-        if key is None:
-            raise UsageError("--key PRIVATE.pem is needed to sign (create one with --new-key)")
         for model in models:
             typer.echo(f"wrote {sign_model(model, key)}")
     elif new_key is None:
