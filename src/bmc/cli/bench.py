@@ -28,9 +28,9 @@ def bench_command(
 ) -> None:
     """Measure ONNX models in onnxruntime: size, latency, throughput and accuracy, with ratios against the first."""
     from bmc.artifact import atomic_write_bytes
-    from bmc.errors import UsageError
     from bmc.bench import BenchConfig, bench, default_model_paths
     from bmc.bench.report import require_matplotlib
+    from bmc.errors import UsageError
 
     config = BenchConfig(
         batch_sizes=_batch_sizes(batch_sizes),
@@ -47,11 +47,11 @@ def bench_command(
     )
     if plot_path is not None:
         require_matplotlib()  # before minutes of measuring, not after
-    for path in (csv_path, markdown_path, plot_path):
+    for path in filter(None, (csv_path, markdown_path, plot_path)):
         # Checked before minutes of measuring: missing folders are made, but a file cannot hold one.
-        if path is not None and path.is_dir():
+        if path.is_dir():
             raise UsageError(f"{path}: a directory; give a file path")
-        if path is not None and (blocking := next((p for p in path.parents if p.exists()), None)) and not blocking.is_dir():
+        if (blocking := next((p for p in path.parents if p.exists()), None)) and not blocking.is_dir():
             raise UsageError(f"{path}: {blocking} is a file, not a directory")
     report = bench(list(models) if models else default_model_paths(), config)
 

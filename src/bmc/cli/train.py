@@ -36,11 +36,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-# What --resume takes from the run itself: given again on the command line, they would be ignored.
-RUN_SETTINGS = (
-    "model", "model_arg", "dataset", "data_dir", "image_size", "input_shape", "epochs", "batch_size", "lr", "optimizer",
-    "schedule", "label_smoothing", "weight_decay", "precision", "channels_last", "compile", "compile_mode", "seed", "out",
-)
+# The options a resumed run may still take; every other one is a setting --resume reads from the run itself.
+RESUME_OPTIONS = ("resume", "download", "device", "threads", "quiet", "json_output")
 
 
 def train_command(
@@ -79,7 +76,10 @@ def train_command(
 
     if resume is not None:
         # By name: typer's ParameterSource is not click's class, depending on the version.
-        given = [name for name in RUN_SETTINGS if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+        given = [
+            name for name in ctx.params
+            if name not in RESUME_OPTIONS and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        ]
         if given:
             options = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"--resume continues {resume} with the settings it was started with; drop {options}")

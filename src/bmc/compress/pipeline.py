@@ -445,7 +445,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         if steps > 1:
             stage["iterations"] = history
     stage["original_test_metrics"] = {k: v for k, v in meta["history"][-1].items() if k.startswith("test_")}
-    report.notes += _pruning_cost(stage, (config.quantization or QuantizeConfig()).max_accuracy_drop_points)
+    report.notes += _pruning_cost(stage, config.quantization.max_accuracy_drop_points)  # set by _run_stages
     if config.prune_method == "l1-structured" and stage["macs_removed"] < config.prune - 0.005:
         report.notes.append(
             f"pruning removed {stage['macs_removed']:.1%} of the MACs, not the {config.prune:.0%} asked: that is all "

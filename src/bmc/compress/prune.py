@@ -15,8 +15,9 @@ import gc
 import logging
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -293,9 +294,7 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
 
     importance = tp.importance.MagnitudeImportance(p=1)
     try:
-        with warnings.catch_warnings():
-            # It warns of each raw parameter it meets (a Transformer's positions); what bmc leaves dense is in the report.
-            warnings.filterwarnings("ignore", module="torch_pruning")
+        with _torch_pruning_quiet():
             pruner = tp.pruner.MetaPruner(
                 module,
                 _example_inputs(inputs),
@@ -334,6 +333,15 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
         # Torch-Pruning crashes on some graphs (shufflenet_v2's channel shuffle: ZeroDivisionError).
         raise BmcError(f"structured pruning failed on this architecture: {type(exc).__name__}: {exc}") from None
     return plan, joined, fixed
+
+
+@contextmanager
+def _torch_pruning_quiet() -> Iterator[None]:
+    """Torch-Pruning warns of each raw parameter it meets (a Transformer's positions); what bmc
+    leaves dense is in its report instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="torch_pruning")
+        yield
 
 
 # The layers checkpoint.shrink_to_state resizes when a pruned run is loaded again.
@@ -427,8 +435,7 @@ def _graph(module: nn.Module, args: tuple):
     """Torch-Pruning's dependency graph of module, traced on its positional inputs."""
     import torch_pruning as tp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="torch_pruning")  # as in _plan_graph
+    with _torch_pruning_quiet():
         return tp.DependencyGraph().build_dependency(module, example_inputs=_example_inputs(args))
 
 

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -581,10 +582,7 @@ def route_convolutions_to_gemm(path: Path, only: set[str] | None = None) -> list
     graph = model.graph
     constants = {c.name: c for c in graph.initializer if c.data_location != onnx.TensorProto.EXTERNAL}
     producers = {output: node for node in graph.node for output in node.output}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = Counter(name for node in graph.node for name in node.input)
     rewritten = []
     for node in graph.node:
         if next((a.i for a in node.attribute if a.name == "group"), 1) != 1 or (only is not None and node.name not in only):
