@@ -330,6 +330,12 @@ def test_bad_requests_fail_with_one_line(digits_onnx, workdir):
         compress(CompressConfig(source=digits_onnx, prune=0.5))
     with pytest.raises(DataError, match="data set iris has samples of shape \\[4\\]"):
         quantize_int8(digits_onnx, workdir / "q", QuantizeConfig(calib_data="iris"))
+    with pytest.raises(UsageError, match=r"prune_params must be in \[0, 0.95\]"):
+        CompressConfig(prune=0.5, prune_params=1.5)
+    with pytest.raises(UsageError, match="--prune-params goes with structured pruning"):
+        CompressConfig(prune_params=0.5)
+    with pytest.raises(UsageError, match="--prune-params goes with structured pruning"):
+        CompressConfig(prune=0.5, prune_method="magnitude", prune_params=0.5)
     with pytest.raises(UsageError, match=r"finetune_lr must be in \(0, 10\]; got -0.1"):
         CompressConfig(prune=0.5, finetune_lr=-0.1)
     result = run_bmc("compress", "--quantize", "int3", cwd=workdir)
@@ -508,6 +514,34 @@ def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights(
         assert after.out_channels % 8 == 0 and (after.out_channels < before.out_channels or not inside_a_block), name
     with torch.no_grad():
         assert pruned(example).shape == (4, 10)
+
+
+def test_a_parameter_target_cuts_the_channels_that_hold_the_most_parameters():
+    import torch
+
+    from bmc.compress.measure import count_macs_and_params
+    from bmc.compress.prune import prune_structured
+    from bmc.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", (3, 32, 32), 10).eval()
+    example = torch.zeros(1, 3, 32, 32)
+
+    def internal_widths(pruned):
+        return {name: m.out_channels for name, m in pruned.named_modules() if name.endswith(".conv1")}
+
+    _, macs_only = prune_structured(model, example, 0.3, choose="block-internal")
+    pruned, both = prune_structured(model, example, 0.3, choose="block-internal", params_fraction=0.6)
+    macs, params = count_macs_and_params(pruned, example)
+    assert macs_only.macs_removed >= 0.3 and 1 - macs_only.params_after / macs_only.params_before < 0.6
+    assert 1 - macs / both.macs_before >= 0.3 and 0.6 <= 1 - params / both.params_before < 0.7
+    widths = internal_widths(pruned)
+    # One stage-3 channel inside a block holds 4x the parameters of a stage-1 one (64 against 16
+    # inputs and outputs, 3x3): the last stage loses the most of its width, the first the least.
+    kept = {stage: min(w for name, w in widths.items() if int(name.split(".")[1]) // 3 == stage) / (16 << stage) for stage in range(3)}
+    assert kept[2] < kept[1] < kept[0] and all(w % 8 == 0 for w in widths.values())
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_uniform_pruning_rounds_wide_layers_to_the_nearest_eight_and_narrow_ones_down():
@@ -720,11 +754,12 @@ def test_shufflenet_is_pruned_inside_its_blocks_where_its_channel_shuffle_breaks
 def test_compress_says_so_when_less_than_the_asked_fraction_of_macs_could_go(workdir):
     # shufflenet_v2_x0_5: only the channels inside each block can go, short of half the MACs.
     train(TrainConfig(model="torchvision:shufflenet_v2_x0_5", data=DataConfig(name="synthetic"), epochs=1))
-    result = run_bmc("compress", "--prune", "0.5", "--quantize", "none", "--finetune-epochs", "0", cwd=workdir)
+    result = run_bmc("compress", "--prune", "0.5", "--prune-params", "0.9", "--quantize", "none", "--finetune-epochs", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     report = json.loads((workdir / "runs" / "latest" / "compressed" / "compress_report.json").read_text())
     prune = next(s for s in report["stages"] if s["stage"] == "prune")
     assert prune["strategy"].startswith("channels inside the parts") and 0.3 < prune["macs_removed"] < 0.495
-    (note,) = [n for n in report["notes"] if n.startswith("pruning removed")]
-    assert note.startswith(f"pruning removed {prune['macs_removed']:.1%} of the MACs, not the 50% asked") and "fc" in note
-    assert note in result.stdout.replace("\n", " ") or note[:60] in result.stdout
+    macs_note, params_note = [n for n in report["notes"] if n.startswith("pruning removed")]
+    assert macs_note.startswith(f"pruning removed {prune['macs_removed']:.1%} of the MACs, not the 50% asked") and "fc" in macs_note
+    assert params_note.startswith(f"pruning removed {prune['params_removed']:.1%} of the parameters, not the 90% asked")
+    assert macs_note in result.stdout.replace("\n", " ") or macs_note[:60] in result.stdout

@@ -18,6 +18,10 @@ def compress_command(
         help="depth (the residual blocks that cost least per millisecond saved go whole, then block-internal), block-internal (residual streams keep their width; uniform where a model has none), uniform (every layer alike) or fastest (lowest measured latency).",
     ),
     prune_iterations: int = typer.Option(1, "--prune-iterations", help="Prune gradually: this many prune-then-fine-tune steps."),
+    prune_params: float = typer.Option(
+        0.0, "--prune-params",
+        help="Also remove at least this fraction of the parameters (size), cut where one channel holds the most; with --prune (the MACs, speed).",
+    ),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Fine-tuning after pruning, over all steps (default per data set)."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Peak learning rate of fine-tuning after pruning (default: the run's own, rewound)."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune with the unpruned model as teacher."),
@@ -55,6 +59,7 @@ def compress_command(
             prune_method=prune_method,
             prune_strategy=prune_strategy,
             prune_iterations=prune_iterations,
+            prune_params=prune_params,
             finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr,
             distill=distill,

@@ -39,6 +39,9 @@ class CompressConfig:
     # residual streams); uniform: every layer by the same ratio; fastest: the lowest measured latency.
     prune_strategy: str = "depth"
     prune_iterations: int = 1  # gradual pruning: this many prune-then-fine-tune steps
+    # Also this fraction of the parameters removed (size; `prune` counts MACs, speed), taken where
+    # one channel holds the most parameters: l1-structured only.
+    prune_params: float = 0.0
     finetune_epochs: int | None = None
     finetune_lr: float | None = None  # peak rate of fine-tuning; None: the run's own (a hundredth of it for qat)
     distill: bool = True
@@ -53,6 +56,10 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.prune <= 0.95:
             raise UsageError(f"prune must be in [0, 0.95] (the fraction of multiply-accumulates removed); got {self.prune}")
+        if not 0 <= self.prune_params <= 0.95:
+            raise UsageError(f"prune_params must be in [0, 0.95] (the fraction of parameters removed); got {self.prune_params}")
+        if self.prune_params > 0 and (self.prune == 0 or self.prune_method != "l1-structured"):
+            raise UsageError("--prune-params goes with structured pruning: give --prune RATIO (the MACs) with --prune-method l1-structured")
         if self.prune_method not in PRUNE_METHODS:
             raise UsageError(f"prune_method must be one of {', '.join(PRUNE_METHODS)}; got {self.prune_method!r}")
         if self.prune_strategy not in PRUNE_CHOICES:

@@ -421,11 +421,13 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         )
         for step in range(1, steps + 1):
             keep = 1 - config.prune * step / steps
-            macs_now = count_macs_and_params(current, example)[0]
+            keep_params = 1 - config.prune_params * step / steps
+            macs_now, params_now = count_macs_and_params(current, example)
             pruned, stats = prune_structured(
                 current, example, max(0.0, 1 - keep * macs_original / macs_now),
                 latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy,
                 ranking_inputs=ranking_inputs, block_time_ms=lambda m, scopes: _onnx_scope_times_ms(m, example, scopes),
+                params_fraction=max(0.0, 1 - keep_params * params_original / params_now) if config.prune_params else 0.0,
             )
             stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
             step_dir = finetune_dir if step == steps else out_dir / f"pruned-step{step}"
@@ -450,6 +452,11 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
         report.notes.append(
             f"pruning removed {stage['macs_removed']:.1%} of the MACs, not the {config.prune:.0%} asked: that is all "
             f"that could go ({stage['strategy']}; layers left dense: {', '.join(stage['left_dense']) or 'none'})"
+        )
+    if config.prune_params and stage["params_removed"] < config.prune_params - 0.005:
+        report.notes.append(
+            f"pruning removed {stage['params_removed']:.1%} of the parameters, not the {config.prune_params:.0%} asked "
+            f"(--prune-params): that is all that could go ({stage['strategy']})"
         )
     report.stages.append(stage)
     from bmc.export import ExportConfig, export

@@ -125,8 +125,14 @@ def prune_structured(
     choose: str = "depth",
     ranking_inputs: torch.Tensor | None = None,
     block_time_ms: Callable[[nn.Module, list[str]], dict[str, float]] | None = None,
+    params_fraction: float = 0.0,
 ) -> tuple[nn.Module, PruneStats]:
     """A copy of model with about macs_fraction of its MACs removed by L1-ranked channels; the original is untouched.
+
+    params_fraction > 0 also asks for that fraction of the parameters removed (size, where MACs are
+    speed): the channel search then goes on until both are met, and the strategies that keep the
+    residual streams cut each group in proportion to the parameters one of its channels holds
+    (`_params_per_channel`), so the layers that hold the model's size shrink most.
 
     Each strategy that reaches the MACs target is a candidate, timed with `latency_ms` (the model's
     latency per batch size on the target) when given. choose="depth" first drops the residual
@@ -149,7 +155,7 @@ def prune_structured(
         if (strategy.drop_blocks and not ranking) or (strategy.by_parts and (candidates or not failed)):
             continue
         try:
-            found = _candidate(model, example, macs_fraction, macs_before, strategy, ranking)
+            found = _candidate(model, example, (macs_fraction, params_fraction), (macs_before, params_before), strategy, ranking)
         except BmcError as exc:
             # One strategy's cut can be beyond Torch-Pruning where another's is not (regnet's
             # grouped convolutions fail block-internal rounding, not uniform): the others remain.
@@ -192,28 +198,30 @@ def prune_structured(
     return pruned, stats
 
 
-def _candidate(model, example, macs_fraction, macs_before, strategy, ranking):
+def _candidate(model, example, targets, counts_before, strategy, ranking):
     """(channels rounded to, pruned copy, layers left dense, channel ratio) for one strategy, or None
-    when it cannot reach the target or does not apply to this model."""
-    start, macs_start = model, macs_before
+    when it cannot reach the targets (fractions of MACs and of parameters removed; counts_before:
+    the model's MACs and parameters) or does not apply to this model."""
+    start, counts_start = model, counts_before
     if strategy.drop_blocks:
-        start = drop_least_important_blocks(model, example, macs_fraction, macs_before, ranking)
+        start = drop_least_important_blocks(model, example, targets[0], counts_before[0], ranking)
         if start is None:
             return None
-        macs_start = count_macs_and_params(start, example)[0]
-    # What is left to remove from `start` for the whole model to lose macs_fraction of its MACs.
-    fraction = 1 - (1 - macs_fraction) * macs_before / macs_start
+        counts_start = count_macs_and_params(start, example)
+    # What is left to remove from `start` for the whole model to lose each target's fraction.
+    fractions = tuple(1 - (1 - target) * before / now for target, before, now in zip(targets, counts_before, counts_start))
     for round_to in (ROUND_CHANNELS_TO, None):
-        if start is not model and fraction < 0.01:
-            return None, start, [], 0.0  # the dropped blocks alone reach the target
-        found = _search_ratio(start, example, fraction, macs_start, round_to, strategy)
+        if start is not model and max(fractions) < 0.01:
+            return None, start, [], 0.0  # the dropped blocks alone reach the targets
+        found = _search_ratio(start, example, fractions, counts_start, round_to, strategy)
         if found is not None:
             return (round_to, *found)
     return None
 
 
-def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy):
-    """Bisect the channel ratio for the smallest one that removes macs_fraction of the MACs.
+def _search_ratio(model, example, fractions, counts_before, round_to, strategy):
+    """Bisect the channel ratio for the smallest one that removes `fractions` of the MACs and of the
+    parameters (counts_before: the model's MACs and parameters).
 
     Each step plans on the real weights (L1 ranking needs them) but prunes a skeleton of the model
     on the meta device, which holds shapes and no data: the search costs a dependency trace per
@@ -222,20 +230,23 @@ def _search_ratio(model, example, macs_fraction, macs_before, round_to, strategy
     low, high = 0.0, 0.95
     # A convolution's MACs scale with its input and output channels, both pruned by the ratio: the
     # first probe, 1 - sqrt(1 - fraction), lands near the answer and saves bisection steps.
-    ratio = min(high, 1 - math.sqrt(max(0.0, 1 - macs_fraction)))
+    ratio = min(high, 1 - math.sqrt(max(0.0, 1 - max(fractions))))
     best = None
     shape_only = example.to("meta")
     memo: dict = {}  # each group's channel order and what parts the model has: the same at every step
+    by_params = fractions[1] > 0
     for _ in range(SEARCH_STEPS):
-        plan, left_dense = _plan(model, example, ratio, round_to, strategy, memo)
+        plan, left_dense = _plan(model, example, ratio, round_to, strategy, memo, by_params)
         if plan is None:
             return None  # no residual streams: the strategy is uniform's
         skeleton = _apply_plan(meta_skeleton(model), shape_only, plan)
-        removed = 1 - count_macs_and_params(skeleton, shape_only)[0] / macs_before
-        if removed >= macs_fraction:
+        counts = count_macs_and_params(skeleton, shape_only)
+        # How far past each target this ratio goes; the binding target is the one nearest to it.
+        margin = min(1 - now / before - target for now, before, target in zip(counts, counts_before, fractions))
+        if margin >= 0:
             best = (plan, left_dense, ratio)
             high = ratio
-            if removed - macs_fraction < 0.01:
+            if margin < 0.01:
                 break
         else:
             low = ratio
@@ -252,7 +263,8 @@ PrunePlan = list[tuple[str, str, Callable, list[int]]]
 
 
 def _plan(
-    model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, memo: dict | None = None
+    model: nn.Module, example: torch.Tensor, channel_ratio: float, round_to: int | None, strategy: Strategy, memo: dict | None = None,
+    by_params: bool = False,
 ) -> tuple[PrunePlan | None, list[str]]:
     """Which channels go at this ratio, ranked by L1 norm on the model's weights; the model is untouched.
     `memo` keeps what does not change between calls on the same model: each group's channel
@@ -268,7 +280,7 @@ def _plan(
         ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels < NARROW_CHANNELS]
     names = {module: name for name, module in model.named_modules()}
     if not strategy.by_parts:
-        plan, joined, fixed = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, memo)
+        plan, joined, fixed = _plan_graph("", model, (example,), names, ignored, channel_ratio, round_to, strategy, memo, by_params)
         if strategy.keep_residual_channels and not joined:
             return None, []  # no residual streams: the same as uniform, not a candidate of its own
         return plan, [names[m] for m in ignored] + fixed
@@ -286,10 +298,12 @@ def _plan(
     return plan, outside
 
 
-def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, memo) -> tuple[PrunePlan, int, list[str]]:
+def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, strategy, memo, by_params=False) -> tuple[PrunePlan, int, list[str]]:
     """The plan of one dependency graph (the whole model, or one part of it), how many groups
     joined residual streams (skipped where the strategy keeps them), and the layers left dense
-    because their group cuts a layer a pruned checkpoint cannot be rebuilt with."""
+    because their group cuts a layer a pruned checkpoint cannot be rebuilt with. by_params: where
+    the strategy keeps the residual streams, each group loses channel_ratio scaled by the
+    parameters one of its channels holds against the most any group's channel holds."""
     import torch_pruning as tp
 
     importance = tp.importance.MagnitudeImportance(p=1)
@@ -313,7 +327,12 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
             )
             plan, joined, fixed = [], 0, []
             # interactive: the pruner only proposes; nothing is removed from the model here.
-            for group in pruner.step(interactive=True):
+            groups = list(pruner.step(interactive=True))
+            weights = {}
+            if by_params and strategy.keep_residual_channels:
+                held = {id(group): _params_per_channel(group) for group in groups if not _joins_outputs(group)}
+                weights = {key: count / max(held.values()) for key, count in held.items()}
+            for group in groups:
                 if strategy.keep_residual_channels and _joins_outputs(group):
                     joined += 1
                     continue
@@ -322,7 +341,10 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
                     continue
                 indices = list(group[0].idxs)
                 channels = pruner.DG.get_out_channels(group[0].dep.target.module)
-                if strategy.keep_residual_channels and round_to:
+                if weights and round_to:
+                    kept = channels * (1 - channel_ratio * weights[id(group)])
+                    indices = _rounded_selection(pruner.DG, group, importance, round_to, memo, kept=kept)
+                elif strategy.keep_residual_channels and round_to:
                     indices = _rounded_selection(pruner.DG, group, importance, round_to, memo)
                 elif round_to and not strategy.global_ranking and channels >= WIDE_LAYER_CHANNELS and not _has_grouped_convolution(group):
                     # Torch-Pruning's selection was rounded down: rounded again from what it kept before that.
@@ -470,6 +492,21 @@ def _rounded_selection(graph, group, importance, round_to: int, memo: dict, kept
     if key not in memo:
         memo[key] = torch.argsort(importance(graph.get_pruning_group(root, pruning_fn, list(range(channels)))))
     return sorted(memo[key][: channels - keep].tolist())
+
+
+def _params_per_channel(group) -> int:
+    """The parameters one channel of the group holds: a filter of each layer producing it, the
+    matching input slice of each layer reading it, a scale and shift of each normalization."""
+    held = 0
+    for dep, _ in group:
+        layer, handler = dep.target.module, getattr(dep.handler, "__name__", "")
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and "out_channels" in handler:
+            held += layer.weight[0].numel() + (layer.bias is not None)
+        elif isinstance(layer, (nn.Conv2d, nn.Linear)) and "in_channels" in handler:
+            held += layer.weight[:, 0].numel() if getattr(layer, "groups", 1) == 1 else 0
+        elif isinstance(layer, (nn.BatchNorm2d, nn.LayerNorm)) and layer.weight is not None:
+            held += 2
+    return held
 
 
 def _has_grouped_convolution(group) -> bool:
