@@ -759,6 +759,7 @@ def test_compress_says_so_when_less_than_the_asked_fraction_of_macs_could_go(wor
     report = json.loads((workdir / "runs" / "latest" / "compressed" / "compress_report.json").read_text())
     prune = next(s for s in report["stages"] if s["stage"] == "prune")
     assert prune["strategy"].startswith("channels inside the parts") and 0.3 < prune["macs_removed"] < 0.495
+    assert report["config"]["prune_params"] == 0.9 and report["config"]["quantization"]["calib_data"] == "synthetic"
     macs_note, params_note = [n for n in report["notes"] if n.startswith("pruning removed")]
     assert macs_note.startswith(f"pruning removed {prune['macs_removed']:.1%} of the MACs, not the 50% asked") and "fc" in macs_note
     assert params_note.startswith(f"pruning removed {prune['params_removed']:.1%} of the parameters, not the 90% asked")

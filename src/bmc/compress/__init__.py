@@ -98,6 +98,9 @@ class CompressReport:
     summary: list[dict] = field(default_factory=list)
     # What a user should know about the result that the figures alone do not say.
     notes: list[str] = field(default_factory=list)
+    # Every setting the stages ran with, defaults and the calibration data found included: what
+    # reproduces the figures.
+    config: dict = field(default_factory=dict)
 
 
 def compress(config: CompressConfig) -> CompressReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -85,6 +86,7 @@ def _run_stages(config: CompressConfig, run_dir: Path | None, onnx_path: Path, o
     # Calibration reads the run's own data set and folder unless told otherwise: an imagefolder run
     # fine-tuned for minutes must not then fail for want of --calib-data-dir (it did, on resnet20).
     config = replace(config, quantization=replace(config.quantization or QuantizeConfig(), calib_data=data, calib_data_dir=data_dir))
+    report.config = json.loads(json.dumps(asdict(config), default=str))
     produced = []  # (stage label, ONNX path) of every model the stages made
 
     if run_dir is not None and config.prune > 0:
