@@ -331,7 +331,8 @@ def _plan_graph(scope, module, inputs, names, ignored, channel_ratio, round_to, 
             weights = {}
             if by_params and strategy.keep_residual_channels:
                 held = {id(group): _params_per_channel(group) for group in groups if not _joins_outputs(group)}
-                weights = {key: count / max(held.values()) for key, count in held.items()}
+                most = max(held.values(), default=0)
+                weights = {key: count / most for key, count in held.items()} if most else {}
             for group in groups:
                 if strategy.keep_residual_channels and _joins_outputs(group):
                     joined += 1
