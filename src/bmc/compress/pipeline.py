@@ -381,7 +381,7 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
     from bmc.compress import FINETUNE_EPOCHS
     from bmc.compress.depth import residual_blocks
     from bmc.compress.measure import count_macs_and_params
-    from bmc.compress.prune import prune_magnitude, prune_structured
+    from bmc.compress.prune import fraction_left, prune_magnitude, prune_structured
     from bmc.train import TrainConfig, train
 
     original, meta = load_model(run_dir)
@@ -422,14 +422,12 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
             if config.prune_strategy in ("depth", "fastest") and residual_blocks(original) else None
         )
         for step in range(1, steps + 1):
-            keep = 1 - config.prune * step / steps
-            keep_params = 1 - config.prune_params * step / steps
             macs_now, params_now = count_macs_and_params(current, example)
             pruned, stats = prune_structured(
-                current, example, max(0.0, 1 - keep * macs_original / macs_now),
+                current, example, fraction_left(config.prune * step / steps, macs_original, macs_now),
                 latency_ms=lambda m: _onnx_latency_ms(m, example), choose=config.prune_strategy,
                 ranking_inputs=ranking_inputs, block_time_ms=lambda m, scopes: _onnx_scope_times_ms(m, example, scopes),
-                params_fraction=max(0.0, 1 - keep_params * params_original / params_now) if config.prune_params else 0.0,
+                params_fraction=fraction_left(config.prune_params * step / steps, params_original, params_now),
             )
             stage = {"stage": "prune", "method": "l1-structured", **stats.to_dict()}
             step_dir = finetune_dir if step == steps else out_dir / f"pruned-step{step}"
@@ -450,16 +448,13 @@ def _prune_and_finetune(run_dir: Path, out_dir: Path, config: CompressConfig, re
             stage["iterations"] = history
     stage["original_test_metrics"] = {k: v for k, v in meta["history"][-1].items() if k.startswith("test_")}
     report.notes += _pruning_cost(stage, config.quantization.max_accuracy_drop_points)  # set by _run_stages
-    if config.prune_method == "l1-structured" and stage["macs_removed"] < config.prune - 0.005:
-        report.notes.append(
-            f"pruning removed {stage['macs_removed']:.1%} of the MACs, not the {config.prune:.0%} asked: that is all "
-            f"that could go ({stage['strategy']}; layers left dense: {', '.join(stage['left_dense']) or 'none'})"
-        )
-    if config.prune_params and stage["params_removed"] < config.prune_params - 0.005:
-        report.notes.append(
-            f"pruning removed {stage['params_removed']:.1%} of the parameters, not the {config.prune_params:.0%} asked "
-            f"(--prune-params): that is all that could go ({stage['strategy']})"
-        )
+    if config.prune_method == "l1-structured":
+        for what, removed, asked in (("MACs", stage["macs_removed"], config.prune), ("parameters", stage["params_removed"], config.prune_params)):
+            if removed < asked - 0.005:
+                report.notes.append(
+                    f"pruning removed {removed:.1%} of the {what}, not the {asked:.0%} asked: that is all "
+                    f"that could go ({stage['strategy']}; layers left dense: {', '.join(stage['left_dense']) or 'none'})"
+                )
     report.stages.append(stage)
     from bmc.export import ExportConfig, export
 

@@ -208,8 +208,7 @@ def _candidate(model, example, targets, counts_before, strategy, ranking):
         if start is None:
             return None
         counts_start = count_macs_and_params(start, example)
-    # What is left to remove from `start` for the whole model to lose each target's fraction.
-    fractions = tuple(1 - (1 - target) * before / now for target, before, now in zip(targets, counts_before, counts_start))
+    fractions = tuple(fraction_left(target, before, now) for target, before, now in zip(targets, counts_before, counts_start))
     for round_to in (ROUND_CHANNELS_TO, None):
         if start is not model and max(fractions) < 0.01:
             return None, start, [], 0.0  # the dropped blocks alone reach the targets
@@ -217,6 +216,12 @@ def _candidate(model, example, targets, counts_before, strategy, ranking):
         if found is not None:
             return (round_to, *found)
     return None
+
+
+def fraction_left(target: float, before: int, now: int) -> float:
+    """The fraction of a model holding `now` (MACs or parameters) still to remove for it to have
+    lost `target` of the `before` it started from; 0 once it has."""
+    return max(0.0, 1 - (1 - target) * before / now)
 
 
 def _search_ratio(model, example, fractions, counts_before, round_to, strategy):
@@ -241,8 +246,8 @@ def _search_ratio(model, example, fractions, counts_before, round_to, strategy):
             return None  # no residual streams: the strategy is uniform's
         skeleton = _apply_plan(meta_skeleton(model), shape_only, plan)
         counts = count_macs_and_params(skeleton, shape_only)
-        # How far past each target this ratio goes; the binding target is the one nearest to it.
-        margin = min(1 - now / before - target for now, before, target in zip(counts, counts_before, fractions))
+        # How far past each target asked this ratio goes; the binding target is the one nearest to it.
+        margin = min((1 - now / before - target for now, before, target in zip(counts, counts_before, fractions) if target > 0), default=0.0)
         if margin >= 0:
             best = (plan, left_dense, ratio)
             high = ratio
