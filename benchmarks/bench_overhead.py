@@ -2,7 +2,7 @@
 
 For each model and batch size, repeats alternate between the two, so drift in the machine's load
 falls on both alike:
-  bare   a new InferenceSession with bmc.bench.sessions.session_options(threads), `session.run(None,
+  bare   a new InferenceSession with bmc.runtime.sessions.session_options(threads), `session.run(None,
          feeds)` timed with perf_counter around each call
   bench  `bmc.bench.bench([model], BenchConfig(batch_sizes=(b,), iters=n, warmup=w, threads=threads))`,
          the public function, session creation included (outside the timed runs, as in bare)
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from bmc.bench import BenchConfig, bench  # noqa: E402
-from bmc.bench.sessions import session_options  # noqa: E402
+from bmc.runtime.sessions import session_options  # noqa: E402
 
 TARGET_SECONDS_PER_MEASURE = 1.0
 MIN_ITERS = 50

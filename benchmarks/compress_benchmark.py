@@ -46,9 +46,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
-    from bmc.bench.model_file import open_model
+    from bmc.runtime.model_file import open_model
     from bmc.export import ExportConfig, export
-    from bmc.export.metadata import ModelMetadata
+    from bmc.runtime.metadata import ModelMetadata
 
     scratch = Path(tempfile.mkdtemp(prefix="bmc-compress-bench-"))
     try:

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
-from bmc.bench.sessions import create_session, cuda_works  # noqa: E402
+from bmc.runtime.sessions import create_session, cuda_works  # noqa: E402
 from bmc.export import ExportConfig, export  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
-from bmc.bench.sessions import create_session  # noqa: E402
+from bmc.runtime.sessions import create_session  # noqa: E402
 from bmc.bench.timing import random_inputs, runner  # noqa: E402
 
 

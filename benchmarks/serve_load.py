@@ -164,7 +164,7 @@ async def _closed_loop(port: int, name: str, body: bytes, headers: dict, concurr
 
 def onnxruntime_limit(model: Path, shape: tuple[int, ...], seconds: float = 1.0, device: str = "cpu") -> dict:
     """Images/s of the bare session (1 thread) at batch 1, 8, 32: the physical limit for serving."""
-    from bmc.bench.sessions import create_session
+    from bmc.runtime.sessions import create_session
 
     session = create_session(model, device, threads=1).session
     results = {}

@@ -14,8 +14,8 @@ import onnx
 import pytest
 
 from bmc.bench import BenchConfig, bench, bench_rounds, describe_model
-from bmc.bench.accuracy import EVAL_BATCH, bilinear_resize, eval_batch_size
-from bmc.bench.sessions import cuda_works
+from bmc.runtime.preprocess import EVAL_BATCH, bilinear_resize, eval_batch_size
+from bmc.runtime.sessions import cuda_works
 from bmc.data import DataConfig
 from bmc.errors import UsageError
 from bmc.export import ExportConfig, export
@@ -134,7 +134,10 @@ def test_bench_and_info_work_where_importing_torch_fails(digits_run, tmp_path):
     model = str(digits_run / "runs" / "latest" / "model.onnx")
     script = textwrap.dedent(
         f"""
-        import sys
+        import pkgutil, sys
+        import bmc.runtime
+        for module in pkgutil.iter_modules(bmc.runtime.__path__):
+            __import__("bmc.runtime." + module.name)
         from bmc.bench import BenchConfig, bench
         report = bench([{model!r}], BenchConfig(batch_sizes=(1, 8), iters=5, data="digits"))
         assert not any(m == "torch" or m.startswith(("torch.", "torchvision")) for m in sys.modules), "torch was imported"
@@ -356,7 +359,7 @@ def test_tensorrt_without_tensorrt_is_one_clear_line(workdir):
     from bmc.export import ExportConfig, export
 
     export(ExportConfig(model="seed-mlp", input_size=8, input_channels=1, num_classes=10, out=workdir / "m.onnx"))
-    from bmc.bench.sessions import TENSORRT_PROVIDER, create_session
+    from bmc.runtime.sessions import TENSORRT_PROVIDER, create_session
 
     try:
         session = create_session(workdir / "m.onnx", "auto", tensorrt=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bmc.artifact import sha256_file
-from bmc.bench.sessions import cuda_works
+from bmc.runtime.sessions import cuda_works
 from bmc.compress import CompressConfig, compress
 from bmc.data import DataConfig
 from bmc.compress.quantize import Candidate, QuantizeConfig, candidate_recipes, judge, quantize_int8

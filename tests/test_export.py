@@ -8,7 +8,7 @@ import pytest
 from bmc.artifact import sha256_file
 from bmc.errors import CheckpointError, UsageError
 from bmc.export import ExportConfig, ParityError, export
-from bmc.export.metadata import ModelMetadata
+from bmc.runtime.metadata import ModelMetadata
 from bmc.train import TrainConfig, train
 
 from conftest import run_bmc

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bmc.bench import describe_model
 from bmc.bench.describe import model_facts
-from bmc.bench.model_file import ModelFileError, open_model
+from bmc.runtime.model_file import ModelFileError, open_model
 
 
 def _matmul_model(weight: np.ndarray, bias: np.ndarray | None = None) -> onnx.ModelProto:
@@ -206,3 +206,21 @@ def test_external_data_of_a_constant_node_is_checked_too(tmp_path):
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString())
     with pytest.raises(ModelFileError, match=r"tensor 'offset': external data location '../../etc/passwd' points outside"):
         open_model(path)
+
+
+def test_a_session_built_from_bytes_runs_what_was_read_not_what_the_files_hold_later(external_model):
+    from bmc.runtime.model_file import ModelBytes
+    from bmc.runtime.sessions import create_session
+
+    data_file = external_model.with_name("model.onnx.data")
+    held = ModelBytes(external_model, external_model.read_bytes(), {"model.onnx.data": data_file.read_bytes()})
+    feed = {"input": np.ones((2, 16), dtype=np.float32)}
+    expected = create_session(external_model).session.run(None, feed)[0]
+    # Negated weights on disk after the bytes were read: the session must not see them.
+    weights = np.frombuffer(data_file.read_bytes(), dtype=np.float32)
+    data_file.write_bytes((-weights).tobytes())
+    opened = create_session(held)
+    del held
+    assert opened.path == external_model
+    np.testing.assert_array_equal(opened.session.run(None, feed)[0], expected)
+    assert not np.allclose(create_session(external_model).session.run(None, feed)[0], expected)

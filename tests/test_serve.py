@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bmc.artifact import write_sidecar_sha256
-from bmc.bench.sessions import cuda_works
+from bmc.runtime.sessions import cuda_works
 from conftest import run_bmc
 
 SLOW_DIM = 2048

@@ -80,12 +80,12 @@ def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfi
     """Measure each model file; returns a Report whose ratios are against the first file."""
     from bmc.bench.accuracy import evaluate, load_eval_dataset, plan_preprocessing
     from bmc.bench.describe import model_facts
-    from bmc.bench.model_file import open_model
+    from bmc.runtime.model_file import open_model
     from bmc.bench.report import ModelResult, Report
-    from bmc.bench.sessions import SessionError, create_session
+    from bmc.runtime.sessions import SessionError, create_session
     from bmc.bench.timing import BatchSizeError, measure, random_inputs, runner
     from bmc.environment import environment
-    from bmc.export.metadata import ModelMetadata
+    from bmc.runtime.metadata import ModelMetadata
 
     paths = [Path(p) for p in paths]
     if not paths:
@@ -144,7 +144,7 @@ def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfi
 def describe_model(path: Path | str) -> dict:
     """What `bmc info MODEL.onnx` shows: sizes, parameters, format, sparsity, opset, operators, I/O, metadata."""
     from bmc.bench.describe import model_facts
-    from bmc.bench.model_file import open_model
+    from bmc.runtime.model_file import open_model
 
     return model_facts(open_model(path)).to_dict()
 

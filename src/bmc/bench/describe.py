@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.bench.model_file import EXTERNAL, ModelFile, element_count, iter_nodes
-from bmc.export.metadata import PREFIX, ModelMetadata
+from bmc.runtime.model_file import EXTERNAL, ModelFile, element_count, iter_nodes
+from bmc.runtime.metadata import PREFIX, ModelMetadata
 
 GZIP_LEVEL = 6
 CHUNK_BYTES = 1 << 20

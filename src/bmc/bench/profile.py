@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.bench.sessions import SessionError, create_session
+from bmc.runtime.sessions import SessionError, create_session
 from bmc.bench.timing import random_inputs
 
 KERNEL_SUFFIX = "_kernel_time"

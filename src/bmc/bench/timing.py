@@ -13,27 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from bmc.bench.sessions import OpenSession, SessionError, ort_message
+from bmc.runtime.sessions import NUMPY_TYPES, OpenSession, SessionError, ort_message
 
 DEFAULT_SECONDS = 1.0
 MIN_ITERATIONS = 5
 # A corrupt shape (a flipped byte in a dimension) must fail here, not exhaust the machine's memory.
 MAX_INPUT_BYTES = 4 << 30
-# onnxruntime's tensor type names -> numpy dtypes for the random inputs.
-NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
 
 
 class BatchSizeError(SessionError):
@@ -208,7 +193,7 @@ class _BoundRun:
 
 def _output_examples(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Output arrays of one run, from a graph-free twin session (a capture session must not run on host inputs)."""
-    from bmc.bench.sessions import create_session
+    from bmc.runtime.sessions import create_session
 
     twin = create_session(open_session.path, "cuda", open_session.threads, cuda_graph=False)
     return twin.session.run(None, feeds)

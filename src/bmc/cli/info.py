@@ -52,7 +52,7 @@ def info_command(
 
 def _describe_onnx(path: Path, json_output: bool) -> None:
     from bmc.bench import describe_model
-    from bmc.bench.model_file import printable
+    from bmc.runtime.model_file import printable
 
     facts = describe_model(path)
     if json_output:

@@ -40,7 +40,7 @@ def judge_fp16(
 ) -> HalfResult:
     """Time fp16 against fp32 on the target (best median of a few rounds each) and check the accuracy budget."""
     from bmc.bench import BenchConfig, bench_rounds
-    from bmc.bench.sessions import cuda_works
+    from bmc.runtime.sessions import cuda_works
 
     if target == "cuda" and not cuda_works():
         return HalfResult(
@@ -51,8 +51,8 @@ def judge_fp16(
             "run `bmc bench MODEL.onnx MODEL-fp16.onnx --device cuda` on the target",
         )
     if data is None:  # the data set the model was trained on, as int8 calibration defaults to
-        from bmc.bench.model_file import open_model
-        from bmc.export.metadata import ModelMetadata
+        from bmc.runtime.model_file import open_model
+        from bmc.runtime.metadata import ModelMetadata
 
         data = ModelMetadata.from_props(open_model(Path(fp32_path)).metadata_props).dataset or None
     first, best = bench_rounds(

@@ -185,8 +185,8 @@ def _evaluation_data(run_dir: Path | None, onnx_path: Path, config: CompressConf
         data = trained["name"]
         data_dir = data_dir or (Path(trained["data_dir"]) if trained.get("data_dir") else None)
     elif data is None:
-        from bmc.bench.model_file import open_model
-        from bmc.export.metadata import ModelMetadata
+        from bmc.runtime.model_file import open_model
+        from bmc.runtime.metadata import ModelMetadata
 
         data = ModelMetadata.from_props(open_model(onnx_path).metadata_props).dataset or None
     return data, data_dir
@@ -200,7 +200,7 @@ def _summary(original: Path, produced: list[tuple[str, Path]], config: CompressC
     pass, 1.77x best-of-rounds in benchmarks/interleaved_speedup.py).
     """
     from bmc.bench import BenchConfig, bench
-    from bmc.bench.sessions import cuda_works
+    from bmc.runtime.sessions import cuda_works
 
     device = "cuda" if config.target == "cuda" and cuda_works() else "cpu"
     paths = [original, *(path for _, path in produced)]
@@ -510,7 +510,7 @@ def _onnx_scope_times_ms(model, example, scopes: list[str], batch_size: int = 32
 
 def _onnx_latency_ms(model, example, batch_sizes=(1, 32), rounds: int = 3, seconds: float = 0.2) -> dict[int, float]:
     """The model's median latency per batch size in onnxruntime on this CPU, best of a few short rounds."""
-    from bmc.bench.sessions import create_session
+    from bmc.runtime.sessions import create_session
     from bmc.bench.timing import measure, random_inputs, runner
 
     with _exported(model, example) as path:

@@ -284,8 +284,8 @@ def calibration_inputs(model_path: Path, config: QuantizeConfig) -> tuple[list[n
     """config.calib_samples training samples of the model's data set (or config.calib_data), preprocessed
     as model_path expects, in batches; the model's input name; the data set's name."""
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
-    from bmc.bench.model_file import open_model
-    from bmc.export.metadata import ModelMetadata
+    from bmc.runtime.model_file import open_model
+    from bmc.runtime.metadata import ModelMetadata
 
     model = open_model(model_path)
     metadata = ModelMetadata.from_props(model.metadata_props)
@@ -466,7 +466,7 @@ def _pre_process(source: Path, target: Path) -> Path:
 
 def calibration_batches(dataset, plan, samples: int, seed: int, batch: int = 32) -> list[np.ndarray]:
     """`samples` training samples, drawn with `seed` and preprocessed as the model expects, in batches."""
-    from bmc.bench.accuracy import preprocess
+    from bmc.runtime.preprocess import preprocess
 
     count = min(samples, len(dataset.train_x))
     chosen = np.sort(np.random.default_rng(seed).choice(len(dataset.train_x), size=count, replace=False))

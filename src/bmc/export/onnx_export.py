@@ -16,7 +16,7 @@ import torch
 from bmc import __version__
 from bmc.artifact import resolve_run_dir, sha256_file, write_sidecar_sha256
 from bmc.export import ExportConfig, ExportError, ExportResult, ParityError
-from bmc.export.metadata import ModelMetadata
+from bmc.runtime.metadata import ModelMetadata
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

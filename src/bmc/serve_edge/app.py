@@ -277,6 +277,6 @@ def _cut(text: str) -> str:
 
 
 def _ort_reason(exc: Exception) -> str:
-    from bmc.bench.sessions import ort_message
+    from bmc.runtime.sessions import ort_message
 
     return ort_message(exc)

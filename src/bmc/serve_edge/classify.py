@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from bmc.bench.accuracy import Preprocessing, fold_normalization, preprocess
+from bmc.runtime.preprocess import Preprocessing, fold_normalization, preprocess
 from bmc.serve_edge.codec import RequestError
 from bmc.serve_edge.models import ServedModel
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.bench.model_file import open_model
-from bmc.bench.sessions import SessionError, create_session, ort_message
-from bmc.export.metadata import ModelMetadata
+from bmc.runtime.model_file import open_model
+from bmc.runtime.sessions import SessionError, create_session, ort_message
+from bmc.runtime.metadata import ModelMetadata
 from bmc.serve_edge.codec import ORT_TO_V2, V2_TO_NUMPY, TensorSpec
 from bmc.serve_edge.integrity import verify_model_file
 

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from bmc.artifact import new_run_dir, point_latest_at, read_meta
-from bmc.bench.accuracy import eval_batch_size
+from bmc.runtime.preprocess import eval_batch_size
 from bmc.checkpoint import load_resume_state, load_state_into, restore_optimizer, save_checkpoint
 from bmc.data import CLASSIFICATION, IMAGE, Dataset, load_dataset
 from bmc.errors import CheckpointError, TrainingError, UsageError

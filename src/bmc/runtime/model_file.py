@@ -105,6 +105,22 @@ class ModelFile:
         return {p.key: p.value for p in self.proto.metadata_props}
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model held in memory: the ONNX file's bytes and each external data file's bytes by its location.
+
+    A runtime builds its session from these bytes, never from the path again, so what was read (and
+    verified) is what runs, whatever happens to the files afterwards.
+    """
+
+    path: Path  # where the bytes were read from: for messages only
+    model: bytes
+    external_data: dict[str, bytes]  # location as the model names it -> that file's bytes
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def open_model(path: Path | str) -> ModelFile:
     """Parse and check an ONNX file; any problem is a one-line ModelFileError naming the file."""
     import onnx

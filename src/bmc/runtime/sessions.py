@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from bmc.bench.model_file import printable
+import numpy as np
+
 from bmc.errors import BmcError
+from bmc.runtime.model_file import ModelBytes, printable
 
 DEVICES = ("cpu", "cuda", "auto")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -23,6 +25,21 @@ TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 # logged as well, they would be a second, colored copy on stderr. The CUDA provider's failed library
 # loads on CPU-only machines are logged at error level, and are expected.
 LOG_SEVERITY_FATAL = 4
+# onnxruntime's tensor type names -> numpy dtypes for the numpy arrays that feed them.
+NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
 
 
 class SessionError(BmcError):
@@ -61,7 +78,7 @@ def session_options(threads: int | None, profile_prefix: str | None = None):
 
 
 def create_session(
-    path: Path,
+    path: Path | ModelBytes,
     device: str = "cpu",
     threads: int | None = None,
     cuda_graph: bool = False,
@@ -69,7 +86,8 @@ def create_session(
     conv_algo_search: str = "EXHAUSTIVE",
     profile_prefix: str | None = None,
 ) -> OpenSession:
-    """A session for the model file on `device` (cpu, cuda or auto); cuda fails unless the GPU really runs it.
+    """A session for the model (a file, or bytes already read) on `device` (cpu, cuda or auto); cuda
+    fails unless the GPU really runs it.
 
     With tensorrt, TensorRT goes first (CUDA then takes what TensorRT cannot), and the session must
     really have it.
@@ -81,7 +99,7 @@ def create_session(
     ort.set_default_logger_severity(LOG_SEVERITY_FATAL)
     if device == "cpu":
         session = _new_session(ort, path, threads, [CPU_PROVIDER], profile_prefix)
-        return OpenSession(session, Path(path), "cpu", tuple(session.get_providers()), threads)
+        return OpenSession(session, _path_of(path), "cpu", tuple(session.get_providers()), threads)
 
     _prepare_cuda(ort)
     cuda_options = {"device_id": "0", "cudnn_conv_algo_search": conv_algo_search}
@@ -98,7 +116,7 @@ def create_session(
             "(no GPU, or the TensorRT libraries are missing)"
         )
     if CUDA_PROVIDER in providers:
-        return OpenSession(session, Path(path), "cuda", providers, threads, cuda_graph)
+        return OpenSession(session, _path_of(path), "cuda", providers, threads, cuda_graph)
     if device == "cuda":
         raise SessionError(
             f"{path}: --device cuda, but onnxruntime runs this session on {', '.join(providers)} only "
@@ -107,7 +125,7 @@ def create_session(
     if cuda_graph:
         # The fallback session was made with CUDA options; a plain CPU one keeps the numbers comparable.
         return create_session(path, "cpu", threads, profile_prefix=profile_prefix)
-    return OpenSession(session, Path(path), "cpu", providers, threads)
+    return OpenSession(session, _path_of(path), "cpu", providers, threads)
 
 
 @lru_cache(maxsize=1)
@@ -126,9 +144,22 @@ def cuda_works() -> bool:
     return CUDA_PROVIDER in session.get_providers()
 
 
-def _new_session(ort, path: Path, threads: int | None, providers: list, profile_prefix: str | None = None):
+def _path_of(model: Path | ModelBytes) -> Path:
+    return model.path if isinstance(model, ModelBytes) else Path(model)
+
+
+def _new_session(ort, path: Path | ModelBytes, threads: int | None, providers: list, profile_prefix: str | None = None):
+    options = session_options(threads, profile_prefix)
+    source: str | bytes = str(path)
+    if isinstance(path, ModelBytes):
+        source = path.model
+        if path.external_data:
+            # onnxruntime resolves each tensor's `location` among these in-memory files, not on disk.
+            locations = list(path.external_data)
+            buffers = [np.frombuffer(path.external_data[name], dtype=np.uint8) for name in locations]
+            options.add_external_initializers_from_files_in_memory(locations, buffers, [len(b) for b in buffers])
     try:
-        return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=providers)
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types; one line each
         raise SessionError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
 
