@@ -3,7 +3,7 @@
 A sha256 sidecar catches a corrupted or swapped file only if the sidecar itself is trusted; a
 signature by a key the server was given catches a file replaced together with its sidecar. The
 signed message is the file's sha256 digest with a fixed prefix, so a large model is read once.
-Uses the `cryptography` package (`pip install 'bmc[sign]'`); no torch.
+Uses the `cryptography` package (part of every bmc install); no torch.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise UsageError("signatures need the cryptography package: pip install 'bmc[sign]'") from None
+        raise UsageError("signatures need the cryptography package: pip install cryptography") from None
     return serialization, ed25519, InvalidSignature
 
 

@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 
 _debug = False
+# What `pip install bmc` (the edge install) leaves out and `bmc[full]` brings: train, export and
+# compress need these; bench, serve, info and sign do not.
+FULL_INSTALL_MODULES = ("torch", "torchvision", "torch_pruning", "safetensors", "sklearn")
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -88,6 +91,13 @@ def _fail(message: str, exit_code: int) -> int:
     return exit_code
 
 
+def _missing_module_message(exc: ModuleNotFoundError, argv: list[str]) -> str:
+    if (exc.name or "").split(".")[0] in FULL_INSTALL_MODULES:
+        command = next((arg for arg in argv if not arg.startswith("-")), "this command")
+        return f"`bmc {command}` needs {exc.name}, which the edge install leaves out: pip install 'bmc[full]'"
+    return f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and exits with) 0 on success, 2 on usage errors, 1 on runtime errors."""
     from bmc.errors import BmcError
@@ -111,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         code = _fail(str(exc), exc.exit_code)
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        code = _fail(_missing_module_message(exc, argv), 1)
     except OSError as exc:
         if debug:
             raise

@@ -34,20 +34,34 @@ def info_command(
 
     from bmc.data import describe_datasets
     from bmc.environment import environment
-    from bmc.models import describe_models
 
-    report = {"datasets": describe_datasets(), "models": describe_models(), "environment": environment()}
+    report = {"datasets": describe_datasets(), "models": _models_if_installed(), "environment": environment()}
     if json_output:
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo("data sets:")
     for name, text in report["datasets"].items():
         typer.echo(f"  {name:<16} {text}")
-    typer.echo("models (and any torchvision classifier as torchvision:<name>):")
+    if not report["models"]:
+        typer.echo("models: none here (the edge install runs models; pip install 'bmc[full]' to train and compress)")
+    else:
+        typer.echo("models (and any torchvision classifier as torchvision:<name>):")
     for name, text in report["models"].items():
         typer.echo(f"  {name:<16} {text}")
     cpu = report["environment"]["cpu"]
     typer.echo(f"cpu: {cpu['model']}, {cpu['usable_cores']} cores, flags: {' '.join(cpu['flags']) or 'none of interest'}")
+
+
+def _models_if_installed() -> dict[str, str]:
+    """The model registry, or nothing on the edge install, where torch (which builds every model) is absent."""
+    from bmc.models import describe_models
+
+    try:
+        return describe_models()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        return {}
 
 
 def _describe_onnx(path: Path, json_output: bool) -> None:
