@@ -239,17 +239,31 @@ def _triton_name(metadata: ModelMetadata, default_dir: Path) -> str:
 
 
 def _write_triton_config(model_dir: Path, metadata: ModelMetadata, input_shape, config: ExportConfig) -> None:
+    """config.pbtxt for Triton's onnxruntime backend, and labels.txt for its classification extension.
+
+    An image input says FORMAT_NCHW, which image clients (tritonclient's image_client.py) require.
+    Without a dynamic batch axis, Triton wants max_batch_size 0 and the full shapes, batch of 1 included.
+    """
     from bmc.artifact import atomic_write_bytes
 
     classes = len(metadata.class_names) or 1
     data_type = "TYPE_FP16" if metadata.precision == "fp16" else "TYPE_FP32"
-    dims = ", ".join(str(int(d)) for d in input_shape)
+    batch_axis = () if config.dynamic_batch else (1,)
+    input_dims = ", ".join(str(int(d)) for d in (*batch_axis, *input_shape))
+    output_dims = ", ".join(str(d) for d in (*batch_axis, classes))
     batching = "max_batch_size: 64\ndynamic_batching {\n  max_queue_delay_microseconds: 1000\n}\n" if config.dynamic_batch else "max_batch_size: 0\n"
+    image = metadata.input_layout in ("NCHW", "NHWC") and len(input_shape) == 3
+    input_format = f"    format: FORMAT_{metadata.input_layout}\n" if image else ""
+    # Triton reads one label per line: a class name holding a line break would shift every label after it.
+    labeled = bool(metadata.class_names) and not any("\n" in name or "\r" in name for name in metadata.class_names)
+    label_file = '    label_filename: "labels.txt"\n' if labeled else ""
     text = (
         f'name: "{model_dir.name}"\n'
         'backend: "onnxruntime"\n'
         f"{batching}"
-        f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}\n]\n'
-        f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: {data_type}\n    dims: [ {classes} ]\n  }}\n]\n'
+        f'input [\n  {{\n    name: "{INPUT_NAME}"\n    data_type: {data_type}\n{input_format}    dims: [ {input_dims} ]\n  }}\n]\n'
+        f'output [\n  {{\n    name: "{OUTPUT_NAME}"\n    data_type: {data_type}\n    dims: [ {output_dims} ]\n{label_file}  }}\n]\n'
     )
+    if labeled:
+        atomic_write_bytes(model_dir / "labels.txt", "".join(f"{name}\n" for name in metadata.class_names).encode())
     atomic_write_bytes(model_dir / "config.pbtxt", text.encode())
