@@ -7,7 +7,8 @@ then serves until SIGTERM/SIGINT.
 Status codes, so clients can act on them:
   400  the request is malformed or does not fit the model (`{"error": ...}` names the problem)
   404  unknown route or model          405  known route, wrong method (Allow says which)
-  413  body larger than --max-body-bytes (refused before the body is read)
+  413  body larger than --max-body-bytes (refused before the body is read; a gzip/deflate body once it inflates past it)
+  415  a Content-Encoding other than gzip, deflate or identity
   503  the queue is full, or the server is shutting down: retry later (Retry-After: 1)
   504  the request's --timeout-ms passed before its result was ready (queued or running)
 """

@@ -21,6 +21,7 @@ from bmc.serve_edge.batcher import DeadlineExceeded, DynamicBatcher, InferenceFa
 from bmc.serve_edge.codec import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
 from bmc.serve_edge.metrics import CLIENT_CLOSED, ServeMetrics
 from bmc.serve_edge.models import ServedModel
+from bmc.serve_edge.triton import EXTENSIONS, model_config, request_inflater, statistics_response
 
 log = logging.getLogger("bmc.serve")
 
@@ -118,7 +119,8 @@ class ServeApp:
             elif scope["method"] not in allowed:
                 status = await _error(send, 405, f"{_cut(scope['method'])} is not allowed here", [(b"allow", ", ".join(allowed).encode())])
             elif model_name is not None and model_name not in self.names:
-                status = await _error(send, 404, f"unknown model {_cut(model_name)}; serving {', '.join(self.names)}")
+                # Triton's wording: tritonclient's examples look for "Request for unknown model".
+                status = await _error(send, 404, f"Request for unknown model {_cut(model_name)} is not found; serving {', '.join(self.names)}")
                 model_name = None  # never a metric label: it came from the client
             elif model_name is not None and model_name not in self.models:
                 status = await _error(send, 503, f"model {model_name} is still loading", [(b"retry-after", RETRY_AFTER_S)])
@@ -151,11 +153,15 @@ class ServeApp:
         if route == "ready":
             return await _json(send, 200 if self.ready else 503, {"ready": self.ready})
         if route == "server":
-            return await _json(send, 200, {"name": "bmc", "version": __version__, "extensions": ["binary_tensor_data"]})
+            return await _json(send, 200, {"name": "bmc", "version": __version__, "extensions": list(EXTENSIONS)})
         if route == "model":
             return await _json(send, 200, self.models[model_name].describe())
         if route == "model_ready":
             return await _json(send, 200 if self.ready else 503, {"name": model_name, "ready": self.ready})
+        if route == "stats":
+            return await _json(send, 200, statistics_response(self.metrics.model_stats, (model_name,) if model_name else self.names))
+        if route == "config":
+            return await _json(send, 200, model_config(self.models[model_name], self.config.max_batch, self.config.max_delay_ms))
         if route == "metrics":
             return await _respond(send, 200, self.metrics.render(), self.metrics.content_type.encode())
         return await _error(send, 404, "no such route")
@@ -175,7 +181,7 @@ class ServeApp:
         finally:
             batcher.arrival_finished()
         outputs = await batcher.infer(request.inputs, request.rows, self._timeout_s)
-        payload, json_length = encode_infer_response(model.name, request, outputs, model.outputs)
+        payload, json_length = encode_infer_response(model.name, request, outputs, model.outputs, model.metadata.class_names)
         if json_length is None:
             return await _respond(send, 200, payload, JSON)
         return await _respond(send, 200, payload, b"application/octet-stream", [(b"inference-header-content-length", str(json_length).encode())])
@@ -202,11 +208,12 @@ class ServeApp:
         limit = self.config.max_body_bytes
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
-            if key == b"content-length" or key == b"inference-header-content-length":
+            if key == b"content-length" or key == b"inference-header-content-length" or key == b"content-encoding":
                 headers[key.decode()] = value.decode("latin-1")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(f"the body is {declared} bytes; at most {limit} are accepted (--max-body-bytes)", 413)
+        inflater = request_inflater(headers.get("content-encoding"), limit)  # gzip/deflate: inflated under the same limit
         chunks: list[bytes] = []
         received = 0
         while True:
@@ -218,9 +225,11 @@ class ServeApp:
             if received > limit:  # chunked uploads declare no length: count what streams in
                 raise RequestError(f"the body exceeds {limit} bytes (--max-body-bytes)", 413)
             if chunk:
-                chunks.append(chunk)
+                chunks.append(inflater.feed(chunk) if inflater is not None else chunk)
             if not message.get("more_body", False):
                 break
+        if inflater is not None:
+            inflater.finish()
         return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
 
 
@@ -234,6 +243,8 @@ def _route(path: str) -> tuple[str, tuple[str, ...] | None, str | None]:
     rest = parts[2:]
     if not rest:
         return "server", GET, None
+    if rest == ["models", "stats"]:
+        return "stats", GET, None
     if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
         return rest[1], GET, None
     if rest[0] != "models" or len(rest) < 2 or not rest[1]:
@@ -251,6 +262,8 @@ def _route(path: str) -> tuple[str, tuple[str, ...] | None, str | None]:
         return "infer", POST, name
     if len(action) == 1 and action[0] == "classify":
         return "classify", POST, name
+    if len(action) == 1 and action[0] in ("stats", "config"):
+        return action[0], GET, name
     return "unknown", None, None
 
 

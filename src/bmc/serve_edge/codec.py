@@ -4,17 +4,23 @@ decode_infer_request turns a request body into validated numpy arrays for one mo
 a RequestError that the app answers with 400 and `{"error": ...}` naming it. encode_infer_response
 writes outputs as JSON data, or as raw little-endian bytes after the JSON header when the client asked
 for binary outputs (what tritonclient does with binary_data=True).
+
+BYTES tensors (ONNX string tensors) travel as JSON strings, or in binary form as each element's
+length (4 bytes, little-endian) followed by its bytes. onnxruntime's string tensors hold text: the
+elements go to it as Python str, so a binary element must be valid UTF-8.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
 
-# v2 datatype -> numpy dtype, little-endian as the binary extension requires. BYTES (strings) is not served.
+# v2 datatype -> numpy dtype, little-endian as the binary extension requires. BYTES are object arrays of
+# str: what onnxruntime takes for a string tensor (it would str() a bytes object: b'...').
 V2_TO_NUMPY: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
@@ -28,6 +34,7 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
 }
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -48,6 +55,7 @@ ORT_TO_V2 = {
 # integers are fine in float tensors; floats in integer tensors and strings anywhere are not.
 _ALLOWED_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 HEADER_LENGTH = "inference-header-content-length"
+_LENGTH_PREFIX = struct.Struct("<I")
 
 
 class RequestError(Exception):
@@ -80,6 +88,7 @@ class InferRequest:
     rows: int
     outputs: tuple[str, ...] | None  # requested output names, None for all
     binary_outputs: frozenset[str]  # names to send as raw bytes
+    classification: dict[str, int] = field(default_factory=dict)  # output name -> top-k, Triton's classification extension
 
 
 def decode_infer_request(
@@ -126,7 +135,7 @@ def decode_infer_request(
     rows = rows_per_input.pop()
     if rows < 1:
         raise RequestError("the batch is empty (first dimension 0)")
-    requested, binary_outputs = _requested_outputs(request, output_names)
+    requested, binary_outputs, classification = _requested_outputs(request, output_names)
     request_id = request.get("id")
     return InferRequest(
         request_id=request_id if isinstance(request_id, str) else None,
@@ -134,21 +143,43 @@ def decode_infer_request(
         rows=rows,
         outputs=requested,
         binary_outputs=binary_outputs,
+        classification=classification,
     )
 
 
 def encode_infer_response(
-    model_name: str, request: InferRequest, outputs: dict[str, np.ndarray], output_specs: tuple[TensorSpec, ...]
+    model_name: str,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+    output_specs: tuple[TensorSpec, ...],
+    class_labels: tuple[str, ...] = (),
 ) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None): outputs as JSON data, or raw bytes after the header where asked."""
+    """(body, JSON header length or None): outputs as JSON data, or raw bytes after the header where asked.
+
+    An output asked for with the classification parameter goes out as BYTES "score:index[:label]",
+    its label from `class_labels`."""
     entries = []
     binary_chunks: list[bytes] = []
     wanted = request.outputs if request.outputs is not None else tuple(spec.name for spec in output_specs)
-    datatypes = {spec.name: spec.datatype for spec in output_specs}
+    specs = {spec.name: spec for spec in output_specs}
     for name in wanted:
-        array = np.ascontiguousarray(outputs[name])
-        entry: dict = {"name": name, "datatype": datatypes[name], "shape": list(array.shape)}
-        if name in request.binary_outputs:
+        array = outputs[name]
+        datatype = specs[name].datatype
+        if request.classification and name in request.classification:
+            from bmc.serve_edge.triton import classify_output
+
+            array = classify_output(specs[name], array, request.classification[name], class_labels)
+            datatype = "BYTES"
+        array = np.ascontiguousarray(array)
+        entry: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if datatype == "BYTES":
+            if name in request.binary_outputs:
+                raw = _length_prefixed(array.reshape(-1))
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                binary_chunks.append(raw)
+            else:
+                entry["data"] = [_text(item) for item in array.reshape(-1).tolist()]
+        elif name in request.binary_outputs:
             raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             binary_chunks.append(raw)
@@ -202,6 +233,7 @@ def _tensor_data(
     if dtype is None:
         raise RequestError(f"input {_shown(spec.name)}: datatype {spec.datatype} is not supported by this server")
     count = math.prod(shape)
+    strings = spec.datatype == "BYTES"
     parameters = tensor.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise RequestError(f"input {_shown(spec.name)}: 'parameters' must be an object")
@@ -213,19 +245,26 @@ def _tensor_data(
             raise RequestError(f"input {_shown(spec.name)} has binary_data_size but the request has no Inference-Header-Content-Length")
         if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
             raise RequestError(f"input {_shown(spec.name)}: binary_data_size must be a non-negative integer")
-        if binary_size != count * dtype.itemsize:
+        if not strings and binary_size != count * dtype.itemsize:
             raise RequestError(
                 f"input {_shown(spec.name)}: shape {list(shape)} of {spec.datatype} needs {count * dtype.itemsize} bytes; "
                 f"binary_data_size is {binary_size}"
             )
         if offset + binary_size > len(binary_part):
             raise RequestError(f"input {_shown(spec.name)}: the binary section ends before its {binary_size} bytes")
-        array = np.frombuffer(binary_part[offset : offset + binary_size], dtype=dtype).reshape(shape)
+        section = binary_part[offset : offset + binary_size]
+        if strings:
+            array = _binary_strings(section, spec, shape, count)
+        else:
+            array = np.frombuffer(section, dtype=dtype).reshape(shape)
         used = binary_size
     else:
         if "data" not in tensor:
             raise RequestError(f"input {_shown(spec.name)} has neither 'data' nor binary_data_size")
-        array = _json_data(tensor["data"], spec, dtype, shape, count)
+        if strings:
+            array = _json_strings(tensor["data"], spec, shape, count)
+        else:
+            array = _json_data(tensor["data"], spec, dtype, shape, count)
         used = 0
     if reject_nonfinite and dtype.kind == "f" and not np.isfinite(array).all():
         raise RequestError(f"input {_shown(spec.name)} holds NaN or infinite values (--reject-nonfinite)")
@@ -253,16 +292,77 @@ def _json_data(data: object, spec: TensorSpec, dtype: np.dtype, shape: tuple[int
     return parsed.astype(dtype, copy=False).reshape(shape)
 
 
-def _requested_outputs(request: dict, output_names: tuple[str, ...]) -> tuple[tuple[str, ...] | None, frozenset[str]]:
+def _binary_strings(section: memoryview, spec: TensorSpec, shape: tuple[int, ...], count: int) -> np.ndarray:
+    """`count` length-prefixed UTF-8 elements filling `section` exactly, as an object array of str."""
+    if count * _LENGTH_PREFIX.size > len(section):  # before the loop: a huge shape costs nothing
+        raise RequestError(
+            f"input {_shown(spec.name)}: shape {list(shape)} of BYTES needs at least {count * _LENGTH_PREFIX.size} bytes; "
+            f"binary_data_size is {len(section)}"
+        )
+    items: list[str] = []
+    offset, end = 0, len(section)
+    for index in range(count):
+        if offset + _LENGTH_PREFIX.size > end:
+            raise RequestError(f"input {_shown(spec.name)}: the binary data ends before element {index}'s 4-byte length")
+        (length,) = _LENGTH_PREFIX.unpack_from(section, offset)
+        offset += _LENGTH_PREFIX.size
+        if offset + length > end:
+            raise RequestError(f"input {_shown(spec.name)}: element {index} is {length} bytes; the binary data ends before")
+        try:
+            items.append(str(section[offset : offset + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(f"input {_shown(spec.name)}: element {index} is not UTF-8 (the model's string tensors hold text)") from None
+        offset += length
+    if offset != end:
+        raise RequestError(f"input {_shown(spec.name)}: {end - offset} bytes follow the last of its {count} elements")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def _json_strings(data: object, spec: TensorSpec, shape: tuple[int, ...], count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise RequestError(f"input {_shown(spec.name)}: 'data' must be a list")
+    try:
+        # dtype=object keeps each str whole (a numpy unicode array would drop trailing NUL characters).
+        parsed = np.array(data, dtype=object)
+    except (ValueError, TypeError, RecursionError):
+        raise RequestError(f"input {_shown(spec.name)}: 'data' is ragged") from None
+    flat = parsed.reshape(-1)
+    if flat.size != count:
+        raise RequestError(f"input {_shown(spec.name)}: shape {list(shape)} needs {count} values; 'data' holds {flat.size}")
+    if not all(type(item) is str for item in flat):
+        raise RequestError(f"input {_shown(spec.name)} is BYTES; 'data' must hold strings only (nested lists of equal length)")
+    return flat.reshape(shape)
+
+
+def _length_prefixed(flat: np.ndarray) -> bytes:
+    """BYTES elements in the binary tensor form: each one's length (uint32, little-endian), then its bytes."""
+    parts: list[bytes] = []
+    for item in flat.tolist():
+        raw = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH_PREFIX.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _text(item: object) -> str:
+    return item if isinstance(item, str) else bytes(item).decode("utf-8", "replace")
+
+
+def _requested_outputs(
+    request: dict, output_names: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, frozenset[str], dict[str, int]]:
     parameters = request.get("parameters")
     all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
-        return None, frozenset(output_names if all_binary else ())
+        return None, frozenset(output_names if all_binary else ()), {}
     if not isinstance(outputs, list):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
     names: list[str] = []
     binary: set[str] = set()
+    classification: dict[str, int] = {}
     for output in outputs:
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise RequestError("'outputs' must be a list of objects with a 'name'")
@@ -271,10 +371,18 @@ def _requested_outputs(request: dict, output_names: tuple[str, ...]) -> tuple[tu
             raise RequestError(f"unknown output {_shown(name)}; the model gives {', '.join(map(repr, output_names))}")
         names.append(name)
         own = output.get("parameters")
-        wants_binary = own.get("binary_data") if isinstance(own, dict) else None
+        if own is not None and not isinstance(own, dict):
+            raise RequestError(f"output {_shown(name)}: 'parameters' must be an object")
+        wants_binary = own.get("binary_data") if own else None
         if wants_binary is True or (wants_binary is None and all_binary):
             binary.add(name)
-    return tuple(dict.fromkeys(names)), frozenset(binary)
+        top_k = own.get("classification") if own else None
+        if top_k is not None:
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+                raise RequestError(f"output {_shown(name)}: 'classification' must be a non-negative integer; got {_shown(top_k)}")
+            if top_k:  # 0: no classification, as tritonclient's class_count=0 means
+                classification[name] = top_k
+    return tuple(dict.fromkeys(names)), frozenset(binary), classification
 
 
 def _names(specs: tuple[TensorSpec, ...]) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from bmc.serve_edge.triton import ModelStatistics
+
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer": counted, never sent
@@ -51,6 +53,8 @@ class ServeMetrics:
         for child in self._depth_by_model.values():
             child.set(0)
         self._request_children: dict[tuple[str, int], object] = {}
+        # Triton's statistics extension (GET .../stats): plain counters, updated on the event loop only.
+        self.model_stats = {name: ModelStatistics() for name in model_names}
 
     def request_started(self) -> None:
         self._in_progress.inc()
@@ -64,12 +68,17 @@ class ServeMetrics:
         child.inc()
         if model is not None and model in self._latency_by_model:
             self._latency_by_model[model].observe(seconds)
+            self.model_stats[model].request_finished(status == 200, seconds)
 
     def batch_ran(self, model: str, rows: int, queue_seconds: list[float]) -> None:
         self._batch_by_model[model].observe(rows)
         histogram = self._queue_time_by_model[model]
         for seconds in queue_seconds:
             histogram.observe(seconds)
+
+    def batch_executed(self, model: str, requests: int, rows: int, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """A batch ran and its requests got their outputs: the statistics extension's counts and durations."""
+        self.model_stats[model].batch_executed(requests, rows, batch_size, queue_ns, input_ns, infer_ns, output_ns)
 
     def set_queue_depth(self, model: str, depth: int) -> None:
         self._depth_by_model[model].set(depth)

@@ -112,7 +112,7 @@ def load_model(
     outputs = tuple(_spec(node) for node in session.get_outputs())
     unsupported = [spec for spec in (*inputs, *outputs) if spec.datatype not in V2_TO_NUMPY]
     if unsupported:
-        raise SessionError(f"{path}: {unsupported[0].name!r} is {unsupported[0].datatype}; bmc serve serves numeric tensors only")
+        raise SessionError(f"{path}: {unsupported[0].name!r} is {unsupported[0].datatype}; bmc serve serves tensors of numbers or strings only")
     if buckets is None:
         buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch, Path(path).stat().st_size)
     # The largest bucket's session also takes any other shape (a request of more rows than --max-batch).
@@ -147,8 +147,8 @@ def _warm_up(model: ServedModel, batch: int = 1) -> None:
     """One run on zeros, so the first client does not pay for onnxruntime's lazy initialisation."""
     feed = {}
     for spec in model.inputs:
-        # Dynamic dims other than the batch axis have no safe guess; such models warm up on first use.
-        if any(d is None for d in spec.dims[1:]):
+        # Dynamic dims other than the batch axis, and strings, have no safe guess; such models warm up on first use.
+        if any(d is None for d in spec.dims[1:]) or spec.datatype == "BYTES":
             return
         shape = tuple((batch if axis == 0 else 1) if d is None else d for axis, d in enumerate(spec.dims))
         feed[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
