@@ -1,8 +1,9 @@
-"""Benchmark ONNX models in onnxruntime: size, latency, throughput and accuracy. Never imports torch.
+"""Benchmark ONNX models on runtimes: size, latency, throughput and accuracy. Never imports torch.
 
-`bench([Path("model.onnx")], BenchConfig(data="digits"))` returns a Report; `describe_model(path)`
-is what `bmc info MODEL.onnx` prints. Every file is opened through `model_file.open_model`, which
-checks it (external data included) before onnxruntime sees it.
+`bench([Path("model.onnx")], BenchConfig(data="digits", runtimes=("onnxruntime", "openvino")))`
+returns a Report with one row per model and runtime target; `describe_model(path)` is what
+`bmc info MODEL.onnx` prints. Every file is opened through `model_file.open_model`, which checks it
+(external data included) before any runtime sees it.
 """
 
 from __future__ import annotations
@@ -38,9 +39,30 @@ class BenchConfig:
     # Time every model this many times in turn and keep each one's fastest round: a burst of other
     # work on a shared machine then hits one round, not one model (accuracy: first round only).
     rounds: int = 1
+    # The runtimes every model runs on, in order (None: every runtime installed and working here
+    # that has the device). The library default stays onnxruntime alone, so a caller that reads
+    # report.models by file (compress does) gets one row per file; `bmc bench` asks for all.
+    runtimes: tuple[str, ...] | None = ("onnxruntime",)
+    # Float precisions (None: every one each runtime has on this machine). fp32 alone by default:
+    # every row then computes the same function, so a ratio compares runtimes, not numerics; bf16
+    # is asked for by name (and judged by its accuracy row) where a lower precision is acceptable.
+    precisions: tuple[str, ...] | None = ("fp32",)
 
     def __post_init__(self) -> None:
+        from bmc.runtime.registry import get_runtime
+        from bmc.runtime.target import PRECISIONS
+
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))  # a list from a caller stays hashable data
+        for key in ("runtimes", "precisions"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+                if not getattr(self, key):
+                    raise UsageError(f"{key} must name at least one, or be None for all")
+        for name in self.runtimes or ():
+            get_runtime(name)  # "unknown runtime 'x'; known: ..."
+        for precision in self.precisions or ():
+            if precision not in PRECISIONS:
+                raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         if not self.batch_sizes:
             raise UsageError("batch_sizes must name at least one batch size")
         for batch_size in self.batch_sizes:
@@ -73,23 +95,28 @@ class BenchConfig:
         values = asdict(self)
         values["batch_sizes"] = list(self.batch_sizes)
         values["data_dir"] = str(self.data_dir) if self.data_dir is not None else None
+        for key in ("runtimes", "precisions"):
+            values[key] = list(values[key]) if values[key] is not None else None
         return values
 
 
 def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfig()) -> Report:
-    """Measure each model file; returns a Report whose ratios are against the first file."""
-    from bmc.bench.accuracy import evaluate, load_eval_dataset, plan_preprocessing
+    """Measure each model file on each runtime target; returns a Report whose ratios are against the
+    first file on the first target."""
+    from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
     from bmc.bench.describe import model_facts
     from bmc.runtime.model_file import open_model
-    from bmc.bench.report import ModelResult, Report
-    from bmc.runtime.sessions import SessionError, create_session
-    from bmc.bench.timing import BatchSizeError, measure, random_inputs, runner
+    from bmc.bench.report import Report
     from bmc.environment import environment
     from bmc.runtime.metadata import ModelMetadata
+    from bmc.runtime.registry import get_runtime, plan_targets
+    from bmc.runtime.sessions import UnsupportedModelError
 
     paths = [Path(p) for p in paths]
     if not paths:
         raise UsageError("no models to bench")
+    # Which runtimes and precisions: settled before any file is read, so a missing runtime is one line at once.
+    targets = plan_targets(config.runtimes, config.precisions, config.device, config.threads)
     if config.rounds > 1:
         return _bench_in_rounds(paths, config)
     names = _display_names(paths)
@@ -117,28 +144,78 @@ def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfi
 
     results = []
     for path, name, facts, shape, plan, dataset in prepared:
-        session = create_session(path, config.device, config.threads, tensorrt=config.tensorrt)
-        timings = []
-        skipped = []
-        for batch_size in config.batch_sizes:
-            timed = session
-            if config.cuda_graph and session.device == "cuda":
-                # A CUDA graph is captured for one set of shapes: one session per batch size.
-                timed = create_session(path, "cuda", config.threads, cuda_graph=True, tensorrt=config.tensorrt)
+        rows, failures = [], []
+        for target in targets:
             try:
-                feeds = random_inputs(timed.session, batch_size, _int_shape(shape), config.seed)
-                run_once = runner(timed, feeds)
-            except BatchSizeError as exc:
-                skipped.append((batch_size, str(exc)))
-                continue
-            except SessionError as exc:
-                raise SessionError(f"{path}: {exc}") from None
-            timings.append(measure(run_once, batch_size, config.warmup, config.iters, config.seconds, label=str(path)))
-            del timed, feeds, run_once
-        quality = evaluate(session.session, plan, dataset, str(path)) if plan is not None else None
-        results.append(ModelResult(name, facts, session.device, session.providers, tuple(timings), tuple(skipped), quality))
-        del session
-    return Report(tuple(results), tuple(config.batch_sizes), config.to_dict(), environment())
+                rows.append(_bench_on(path, name, facts, shape, plan, dataset, target, config))
+            except UnsupportedModelError as exc:
+                # A runtime that cannot open a model another one runs is a row that says why; a
+                # model no runtime asked for can open is an error, as it always was.
+                failures.append(exc)
+                rows.append(_unopened_result(name, facts, target, exc, config))
+        if len(failures) == len(targets):
+            raise failures[0]
+        results += rows
+    versions = {t.runtime: get_runtime(t.runtime).version() for t in targets}
+    return Report(tuple(results), tuple(config.batch_sizes), config.to_dict(), {**environment(), "runtimes": versions})
+
+
+def _bench_on(path: Path, name: str, facts, shape, plan, dataset, target, config: BenchConfig):
+    """Time one file on one target at every batch size, then its accuracy (when data was given)."""
+    from bmc.bench.accuracy import evaluate
+    from bmc.bench.report import ModelResult
+    from bmc.bench.timing import BatchSizeError, measure, random_inputs, runner
+    from bmc.runtime.registry import open_session
+    from bmc.runtime.sessions import SessionError
+
+    options = _runtime_options(target, config)
+    session = open_session(path, target, **options)
+    timings = []
+    skipped = []
+    for batch_size in config.batch_sizes:
+        timed = session
+        if config.cuda_graph and session.device == "cuda":
+            # A CUDA graph is captured for one set of shapes: one session per batch size.
+            timed = open_session(path, session.target, **options, cuda_graph=True)
+        try:
+            feeds = random_inputs(timed, batch_size, _int_shape(shape), config.seed)
+            run_once = runner(timed, feeds)
+        except BatchSizeError as exc:
+            skipped.append((batch_size, str(exc)))
+            continue
+        except SessionError as exc:
+            raise SessionError(f"{path}: {exc}") from None
+        timings.append(
+            measure(
+                run_once, batch_size, config.warmup, config.iters, config.seconds,
+                label=str(path), runtime=session.runtime, message=session.error_message,
+            )
+        )
+        del timed, feeds, run_once
+    quality = evaluate(session, plan, dataset, str(path)) if plan is not None else None
+    return ModelResult(
+        name, facts, session.device, session.providers, tuple(timings), tuple(skipped), quality,
+        runtime=session.runtime, precision=session.precision, details=session.details,
+    )
+
+
+def _runtime_options(target, config: BenchConfig) -> dict:
+    """The runtime-specific options the config asks for that this target's runtime takes."""
+    from bmc.runtime.registry import get_runtime
+
+    wanted = {"tensorrt": True} if config.tensorrt else {}
+    return {key: value for key, value in wanted.items() if key in get_runtime(target.runtime).options}
+
+
+def _unopened_result(name: str, facts, target, error: BmcError, config: BenchConfig):
+    from bmc.bench.report import ModelResult
+
+    reason = str(error)
+    reason = reason[len(facts.path) + 2 :] if reason.startswith(facts.path + ": ") else reason
+    return ModelResult(
+        name, facts, target.device, (), (), tuple((b, reason) for b in config.batch_sizes), None,
+        runtime=target.runtime, precision=target.precision,
+    )
 
 
 def describe_model(path: Path | str) -> dict:

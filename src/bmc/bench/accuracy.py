@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from bmc.data import CLASSIFICATION, IMAGE, DataConfig, Dataset, load_dataset
-from bmc.errors import DataError
+from bmc.errors import BmcError, DataError
 from bmc.runtime.metadata import ModelMetadata
 from bmc.runtime.preprocess import EVAL_BATCH, Preprocessing, eval_batch_size, fold_normalization, preprocess
-from bmc.runtime.sessions import NUMPY_TYPES
 
 
 @dataclass(frozen=True)
@@ -76,17 +75,21 @@ def plan_preprocessing(
 
 
 def evaluate(session, plan: Preprocessing, dataset: Dataset, model_name: str, batch_size: int | None = None) -> Quality:
-    """Run the test split through the session; accuracy for classifiers, MSE and R² for regression."""
+    """Run the test split through the session (any runtime's); accuracy for classifiers, MSE and R² for regression."""
     test_x, test_y = dataset.test_x, dataset.test_y
     classification = dataset.task == CLASSIFICATION
-    input_node = session.get_inputs()[0]
-    fixed_batch = input_node.shape[0] if input_node.shape and isinstance(input_node.shape[0], int) and input_node.shape[0] > 0 else None
+    input_info = session.inputs[0]
+    first_axis = input_info.shape[0] if input_info.shape else None
+    fixed_batch = first_axis if isinstance(first_axis, int) and first_axis > 0 else None
     model_sample = (*test_x.shape[1:-2], *plan.resize_to) if plan.resize_to else test_x.shape[1:]
     batch = fixed_batch or batch_size or eval_batch_size(math.prod(model_sample), EVAL_BATCH)
-    input_name = input_node.name
+    input_name = input_info.name
     # fp16 models take half-precision inputs; the preprocessing itself stays in float32, as in training.
-    input_dtype = NUMPY_TYPES.get(input_node.type, np.float32)
-    output_name = session.get_outputs()[0].name
+    try:
+        input_dtype = np.dtype(input_info.dtype)
+    except TypeError:
+        input_dtype = np.dtype(np.float32)
+    output_name = session.outputs[0].name
     correct = 0
     predictions: list[np.ndarray] = []
     for start in range(0, len(test_y), batch):
@@ -95,13 +98,11 @@ def evaluate(session, plan: Preprocessing, dataset: Dataset, model_name: str, ba
         if fixed_batch is not None and count < fixed_batch:
             # Pad the last batch with copies of its final sample; their outputs are dropped.
             stored = np.concatenate([stored, np.repeat(stored[-1:], fixed_batch - count, axis=0)])
+        inputs = preprocess(stored, plan).astype(input_dtype, copy=False)
         try:
-            inputs = preprocess(stored, plan).astype(input_dtype, copy=False)
-            outputs = np.asarray(session.run([output_name], {input_name: inputs})[0])[:count]
-        except Exception as exc:  # onnxruntime's own error types
-            from bmc.runtime.sessions import ort_message
-
-            raise DataError(f"{model_name}: onnxruntime failed on {dataset.name} test samples ({ort_message(exc)})") from None
+            outputs = np.asarray(session.run({input_name: inputs}, [output_name])[output_name])[:count]
+        except BmcError as exc:  # the session's one line: "PATH: RUNTIME failed running it (WHY)"
+            raise DataError(f"{exc} on {dataset.name} test samples") from None
         targets = test_y[start : start + count]
         if classification:
             if outputs.ndim != 2 or outputs.shape[1] != dataset.num_classes:

@@ -186,4 +186,5 @@ def _metadata_dict(metadata: ModelMetadata) -> dict:
     values["class_names"] = list(metadata.class_names)
     values["input_shape"] = list(metadata.input_shape)
     values["data_input_shape"] = list(metadata.data_input_shape)
+    values["runtime_targets"] = {str(b): t.to_dict() for b, t in sorted(metadata.runtime_targets.items())}
     return values

@@ -1,11 +1,12 @@
-"""The bench report: models side by side, ratios against the first, and its JSON, CSV, Markdown and plot forms."""
+"""The bench report: models (each on each runtime) side by side, ratios against the first, and its
+JSON, CSV, Markdown and plot forms."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc.artifact import atomic_write_bytes
@@ -20,6 +21,8 @@ CSV_COLUMNS = (
     "numeric_format",
     "device",
     "providers",
+    "runtime",
+    "precision",
     "batch_size",
     "iterations",
     "latency_ms_median",
@@ -43,7 +46,7 @@ CSV_COLUMNS = (
 
 @dataclass(frozen=True)
 class ModelResult:
-    """Everything bench measured for one model file."""
+    """Everything bench measured for one model file on one runtime target."""
 
     name: str
     facts: ModelFacts
@@ -52,9 +55,16 @@ class ModelResult:
     timings: tuple[Timing, ...]
     skipped: tuple[tuple[int, str], ...] = ()  # (batch size, why it could not run)
     quality: Quality | None = None
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"  # the float precision the runtime really computed in
+    details: dict = field(default_factory=dict)  # what the runtime reported it set (threads, streams, ...)
 
     def timing(self, batch_size: int) -> Timing | None:
         return next((t for t in self.timings if t.batch_size == batch_size), None)
+
+    @property
+    def runtime_label(self) -> str:
+        return self.runtime if self.precision == "fp32" else f"{self.runtime} {self.precision}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,9 @@ class Report:
                     **model.facts.to_dict(),
                     "device": model.device,
                     "providers": list(model.providers),
+                    "runtime": model.runtime,
+                    "precision": model.precision,
+                    "runtime_details": model.details,
                     "size_reduction_vs_first": self.size_reduction(index),
                     "timings": [
                         {**t.to_dict(), "speedup_vs_first": self.speedup(index, t.batch_size)} for t in model.timings
@@ -135,6 +148,8 @@ class Report:
                         "numeric_format": model.facts.numeric_format,
                         "device": model.device,
                         "providers": " ".join(model.providers),
+                        "runtime": model.runtime,
+                        "precision": model.precision,
                         "batch_size": batch_size,
                         "iterations": timing.iterations if timing else None,
                         "latency_ms_median": timing.latency_ms_median if timing else None,
@@ -167,7 +182,7 @@ class Report:
 
     def table_cells(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the side-by-side table: one column per model, one row per measure."""
-        header = ["", *(m.name for m in self.models)]
+        header = ["", *self.column_names()]
         rows: list[list[str]] = []
 
         def add(label: str, values: list[str]) -> None:
@@ -175,6 +190,7 @@ class Report:
 
         indices = range(len(self.models))
         add("format", [m.facts.numeric_format for m in self.models])
+        add("runtime", [m.runtime_label for m in self.models])
         add("device", [_device_text(m) for m in self.models])
         add("size", [_megabytes(m.facts.size_bytes) for m in self.models])
         add("gzip size", [_megabytes(m.facts.gzip_bytes) for m in self.models])
@@ -205,6 +221,12 @@ class Report:
             add("R² change", [f"{c:+.4f}" if (c := self.r2_change(i)) is not None else "" for i in indices])
         return header, rows
 
+    def column_names(self) -> list[str]:
+        """Each result's model name, with its runtime when the report holds more than one runtime or precision."""
+        if len({m.runtime_label for m in self.models}) <= 1:
+            return [m.name for m in self.models]
+        return [f"{m.name} on {m.runtime_label}" for m in self.models]
+
     def to_markdown(self) -> str:
         header, rows = self.table_cells()
         lines = ["| " + " | ".join(_md(c) for c in header) + " |", "|" + "---|" * len(header)]
@@ -218,7 +240,7 @@ class Report:
 
         header, rows = self.table_cells()
         # Text, not markup: a file named "[red]x.onnx" is shown as it is named.
-        table = Table(title=Text(f"bmc bench ({self.config.get('device', 'cpu')}; ratios against {self.models[0].name})"))
+        table = Table(title=Text(f"bmc bench ({self.config.get('device', 'cpu')}; ratios against {header[1]})"))
         table.add_column(Text(header[0]), style="bold")
         for name in header[1:]:
             table.add_column(Text(name), justify="right", overflow="fold")
@@ -236,13 +258,12 @@ class Report:
         if batch_size is None:
             raise BmcError("nothing to plot: no model produced a timing")
         figure, axes = pyplot.subplots(figsize=(6.4, 4.4))
-        for model in self.models:
+        for model, label in zip(self.models, self.column_names()):
             timing = model.timing(batch_size)
             if timing is None:
                 continue
             size_mb = model.facts.size_bytes / 1e6
             axes.scatter([size_mb], [timing.latency_ms_median])
-            label = model.name
             if model.quality and model.quality.accuracy is not None:
                 label += f" ({model.quality.accuracy:.2%})"
             elif model.quality and model.quality.r2 is not None:
@@ -270,7 +291,10 @@ def require_matplotlib():
 
 
 def _device_text(model: ModelResult) -> str:
+    # onnxruntime's provider names, shortened; OpenVINO's execution devices are short already.
     short = {"CPUExecutionProvider": "CPU", "CUDAExecutionProvider": "CUDA", "TensorrtExecutionProvider": "TensorRT"}
+    if not model.providers:
+        return f"{model.device} (not opened)"
     return f"{model.device} ({'+'.join(short.get(p, p) for p in model.providers)})"
 
 

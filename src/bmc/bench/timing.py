@@ -1,8 +1,9 @@
 """Latency and throughput of one session at one batch size: warm-up, then timed runs.
 
 Each run is timed on its own with perf_counter_ns around nothing but the runtime call, so the
-median is the runtime's, not the loop's. On CUDA the inputs and outputs stay on the device (IO
-binding): a run then measures the model, not two PCIe copies.
+median is the runtime's, not the loop's. Each runtime's session supplies that call (its
+`runner`): on CUDA, onnxruntime keeps inputs and outputs on the device (IO binding), so a run
+measures the model, not two PCIe copies.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from bmc.runtime.sessions import NUMPY_TYPES, OpenSession, SessionError, ort_message
+from bmc.runtime.model_file import TensorInfo
+from bmc.runtime.sessions import SessionError, ort_message, tensor_infos
 
 DEFAULT_SECONDS = 1.0
 MIN_ITERATIONS = 5
@@ -60,13 +62,19 @@ def input_shape(dims: list, batch_size: int, model_shape: tuple[int, ...] = ()) 
 
 
 def random_inputs(session, batch_size: int, model_shape: tuple[int, ...] = (), seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds of each session input's shape (batch axis = batch_size) and type."""
+    """Random feeds of each session input's shape (batch axis = batch_size) and type.
+
+    session: any runtime's Session, or a raw onnxruntime InferenceSession.
+    """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    for index, node in enumerate(session.get_inputs()):
-        dtype = NUMPY_TYPES.get(node.type)
-        if dtype is None:
-            raise SessionError(f"input {node.name!r} has type {node.type}, which bench cannot generate")
+    for index, node in enumerate(_input_infos(session)):
+        try:
+            dtype = np.dtype(node.dtype).type
+        except TypeError:
+            raise SessionError(f"input {node.name!r} has type {node.dtype}, which bench cannot generate") from None
+        if not (np.issubdtype(dtype, np.number) or dtype is np.bool_):
+            raise SessionError(f"input {node.name!r} has type {node.dtype}, which bench cannot generate")
         # The metadata's shape describes the first input only.
         shape = input_shape(list(node.shape), batch_size, model_shape if index == 0 else ())
         size_bytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
@@ -85,36 +93,39 @@ def random_inputs(session, batch_size: int, model_shape: tuple[int, ...] = (), s
     return feeds
 
 
-def runner(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-    """A call that runs the session once on feeds: session.run on cpu, IO binding on cuda."""
-    session = open_session.session
-    if open_session.device != "cuda":
-        output_names = [o.name for o in session.get_outputs()]
+def _input_infos(session) -> tuple[TensorInfo, ...]:
+    # compress hands over onnxruntime's own InferenceSession; everything else is a runtime Session.
+    return tensor_infos(session.get_inputs()) if hasattr(session, "get_inputs") else tuple(session.inputs)
 
-        def run_cpu() -> object:
-            return session.run(output_names, feeds)
 
-        return run_cpu
-    try:
-        return _cuda_runner(open_session, feeds)
-    except SessionError:
-        raise
-    except Exception as exc:  # device allocation and binding errors from onnxruntime
-        raise SessionError(f"could not bind inputs and outputs on the GPU ({ort_message(exc)})") from None
+def runner(open_session, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """A call that runs the session once on feeds, the fastest way its runtime has (onnxruntime on
+    cuda: IO binding, inputs and outputs kept on the GPU)."""
+    return open_session.runner(feeds)
 
 
 def measure(
-    run_once: Callable[[], object], batch_size: int, warmup: int, iters: int | None, seconds: float | None, label: str = "model"
+    run_once: Callable[[], object],
+    batch_size: int,
+    warmup: int,
+    iters: int | None,
+    seconds: float | None,
+    label: str = "model",
+    runtime: str = "onnxruntime",
+    message: Callable[[BaseException], str] = ort_message,
 ) -> Timing:
-    """Warm up, then time `iters` runs or as many as fit in `seconds` (default 1 s, at least 5 runs)."""
+    """Warm up, then time `iters` runs or as many as fit in `seconds` (default 1 s, at least 5 runs).
+
+    runtime and message (its Session.error_message) word a failed run as one line.
+    """
     try:
         for _ in range(warmup):
             run_once()
         latencies_ns = _timed_runs(run_once, iters, seconds)
     except SessionError:
         raise
-    except Exception as exc:  # onnxruntime's run errors (bad shapes inside the graph, out of memory)
-        raise SessionError(f"{label}: onnxruntime failed running batch {batch_size} ({ort_message(exc)})") from None
+    except Exception as exc:  # the runtime's run errors (bad shapes inside the graph, out of memory)
+        raise SessionError(f"{label}: {runtime} failed running batch {batch_size} ({message(exc)})") from None
     latencies_ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
     median, p90, p99 = np.percentile(latencies_ms, [50, 90, 99])
     elapsed_s = float(latencies_ms.sum()) / 1e3
@@ -149,51 +160,3 @@ def _timed_runs(run_once: Callable[[], object], iters: int | None, seconds: floa
         append(end - start)
         if end >= deadline and len(latencies_ns) >= minimum:
             return latencies_ns
-
-
-def _cuda_runner(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-    import onnxruntime as ort
-
-    session = open_session.session
-    binding = session.io_binding()
-    # Kept referenced for the binding's lifetime: the device buffers must not move under a CUDA graph.
-    device_values = []
-    for name, array in feeds.items():
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
-        device_values.append(value)
-        binding.bind_ortvalue_input(name, value)
-    if open_session.cuda_graph:
-        # A captured graph replays fixed addresses, so outputs are preallocated once, shaped by a
-        # plain run of the same feeds.
-        for output, example in zip(session.get_outputs(), _output_examples(open_session, feeds)):
-            value = ort.OrtValue.ortvalue_from_numpy(np.empty_like(example), "cuda", 0)
-            device_values.append(value)
-            binding.bind_ortvalue_output(output.name, value)
-    else:
-        for output in session.get_outputs():
-            binding.bind_output(output.name, "cuda", 0)
-    binding.synchronize_inputs()
-    return _BoundRun(session, binding, device_values)
-
-
-@dataclass(frozen=True)
-class _BoundRun:
-    """One IO-bound run; holds the device buffers the binding points at, so they outlive it."""
-
-    session: object
-    binding: object
-    device_values: list
-
-    def __call__(self) -> object:
-        # onnxruntime synchronizes the CUDA stream before run_with_iobinding returns, so the
-        # caller's clock sees the whole run.
-        self.session.run_with_iobinding(self.binding)
-        return self.binding
-
-
-def _output_examples(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Output arrays of one run, from a graph-free twin session (a capture session must not run on host inputs)."""
-    from bmc.runtime.sessions import create_session
-
-    twin = create_session(open_session.path, "cuda", open_session.threads, cuda_graph=False)
-    return twin.session.run(None, feeds)

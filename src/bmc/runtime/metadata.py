@@ -1,13 +1,18 @@
 """What bmc writes into an ONNX file's metadata_props, and how it reads it back. No torch here.
 
 Everything a box with only onnxruntime needs to use the model travels inside the file: class names,
-input layout and shape, preprocessing, provenance.
+input layout and shape, preprocessing, provenance; and, once compress has chosen them, the runtime
+settings to run it with per batch size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+
+from bmc.errors import BmcError
+from bmc.runtime.target import Target
 
 PREFIX = "bmc."
 
@@ -27,9 +32,34 @@ class ModelMetadata:
     normalization: dict = field(default_factory=dict)  # {"scale", "mean", "std"}
     source_sha256: str = ""
     precision: str = "fp32"
+    # batch size -> the runtime, device, precision and threads chosen for it (by compress); empty
+    # when nothing was chosen, and then not written at all, so older files and bmc read the same.
+    runtime_targets: dict[int, Target] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for batch_size, target in self.runtime_targets.items():
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or not isinstance(target, Target):
+                raise BmcError(f"runtime_targets maps batch sizes (>= 1) to Targets; got {batch_size!r}: {target!r}")
+
+    def target_for(self, batch_size: int) -> Target | None:
+        """The target chosen for batch_size, else for the nearest batch size chosen (on a log scale); None if none."""
+        if not self.runtime_targets:
+            return None
+        if batch_size in self.runtime_targets:
+            return self.runtime_targets[batch_size]
+        nearest = min(self.runtime_targets, key=lambda b: (abs(math.log2(b) - math.log2(max(batch_size, 1))), b))
+        return self.runtime_targets[nearest]
 
     def to_props(self) -> dict[str, str]:
         """As ONNX metadata_props: string keys, JSON-encoded values."""
+        props = self._base_props()
+        if self.runtime_targets:
+            props[PREFIX + "runtime_targets"] = json.dumps(
+                {str(b): self.runtime_targets[b].to_dict() for b in sorted(self.runtime_targets)}, sort_keys=True
+            )
+        return props
+
+    def _base_props(self) -> dict[str, str]:
         return {
             PREFIX + "version": self.bmc_version,
             PREFIX + "model": self.model,
@@ -67,4 +97,20 @@ class ModelMetadata:
             normalization=loaded("normalization", {}),
             source_sha256=props.get(PREFIX + "source_sha256", ""),
             precision=props.get(PREFIX + "precision", "fp32"),
+            runtime_targets=_runtime_targets(loaded("runtime_targets", {})),
         )
+
+
+def _runtime_targets(values: dict) -> dict[int, Target]:
+    """{"1": {target}, ...} -> {1: Target}; a malformed entry, or one naming a runtime or setting this
+    bmc does not know, drops the whole choice (serve then uses its default) rather than half of it."""
+    targets: dict[int, Target] = {}
+    try:
+        for key, value in values.items():
+            batch_size = int(key)
+            if batch_size < 1 or str(batch_size) != key:
+                return {}
+            targets[batch_size] = Target.from_dict(value)
+    except (BmcError, ValueError, TypeError):
+        return {}
+    return targets

@@ -3,19 +3,26 @@
 onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU and its libraries are there, and
 quietly falls back to the CPU when they are not; the only truth is `session.get_providers()` of a
 session that was actually created.
+
+Registered as the runtime "onnxruntime": `registry.open_session(path, Target())` lands in
+`create_session` here, and OpenSession offers the interface every runtime's session has (inputs,
+outputs, run, runner) beside the raw InferenceSession in `.session`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from bmc.errors import BmcError
-from bmc.runtime.model_file import ModelBytes, printable
+from bmc.runtime.model_file import ModelBytes, TensorInfo, printable
+from bmc.runtime.registry import Runtime, register_runtime
+from bmc.runtime.target import Target
 
 DEVICES = ("cpu", "cuda", "auto")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -43,7 +50,12 @@ NUMPY_TYPES = {
 
 
 class SessionError(BmcError):
-    """onnxruntime could not create a session, or not on the requested device."""
+    """A runtime could not create a session, or not on the requested device, or failed running it."""
+
+
+class UnsupportedModelError(SessionError):
+    """This runtime cannot load or compile this model (an operator it lacks, a graph it rejects);
+    another runtime may still run it."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,118 @@ class OpenSession:
     providers: tuple[str, ...]
     threads: int | None = None
     cuda_graph: bool = False
+
+    runtime: ClassVar[str] = "onnxruntime"
+    # onnxruntime has no precision hint: float ops run in the file's own types.
+    precision: ClassVar[str] = "fp32"
+
+    @cached_property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        """The inputs to feed, with numpy dtype names."""
+        return tensor_infos(self.session.get_inputs())
+
+    @cached_property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return tensor_infos(self.session.get_outputs())
+
+    @property
+    def target(self) -> Target:
+        """The target this session really runs on (the device it got, not the one asked)."""
+        return Target(self.runtime, self.device, self.precision, self.threads)
+
+    @property
+    def details(self) -> dict:
+        """What onnxruntime really gave this session."""
+        return {"providers": list(self.providers), "cuda_graph": self.cuda_graph}
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name (all, or output_names) for host numpy feeds; SessionError on failure."""
+        names = list(output_names) if output_names is not None else [o.name for o in self.outputs]
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:  # onnxruntime's own error types (bad shapes, types, out of memory)
+            raise SessionError(f"{self.path}: onnxruntime failed running it ({ort_message(exc)})") from None
+        return dict(zip(names, values))
+
+    def runner(self, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+        """A call that runs the session once on feeds: session.run on cpu, IO binding on cuda."""
+        session = self.session
+        if self.device != "cuda":
+            output_names = [o.name for o in session.get_outputs()]
+
+            def run_cpu() -> object:
+                return session.run(output_names, feeds)
+
+            return run_cpu
+        try:
+            return _cuda_runner(self, feeds)
+        except SessionError:
+            raise
+        except Exception as exc:  # device allocation and binding errors from onnxruntime
+            raise SessionError(f"could not bind inputs and outputs on the GPU ({ort_message(exc)})") from None
+
+    @staticmethod
+    def error_message(exc: BaseException) -> str:
+        return ort_message(exc)
+
+
+def tensor_infos(nodes) -> tuple[TensorInfo, ...]:
+    """onnxruntime NodeArgs as TensorInfo: numpy dtype names, and names for dynamic axes."""
+    infos = []
+    for node in nodes:
+        known = NUMPY_TYPES.get(node.type)
+        dtype = np.dtype(known).name if known is not None else node.type
+        shape = tuple(d if isinstance(d, (int, str)) else f"dim{i}" for i, d in enumerate(node.shape or ()))
+        infos.append(TensorInfo(node.name, dtype, shape))
+    return tuple(infos)
+
+
+@register_runtime
+class OnnxRuntime(Runtime):
+    """onnxruntime: its CPU provider everywhere, CUDA and TensorRT where a GPU really runs them."""
+
+    name = "onnxruntime"
+    package = "onnxruntime"
+    module = "onnxruntime"
+    install_hint = "pip install onnxruntime"
+    devices = DEVICES
+    precisions = ("fp32",)
+    options = ("cuda_graph", "tensorrt", "conv_algo_search", "profile_prefix")
+
+    def version(self) -> str | None:
+        from importlib import metadata
+
+        if not self.installed():
+            return None
+        for package in ("onnxruntime-gpu", "onnxruntime"):
+            try:
+                return metadata.version(package)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    def problem(self) -> str | None:
+        try:
+            import onnxruntime as ort
+
+            ort.InferenceSession(_tiny_model_bytes(), session_options(1), providers=[CPU_PROVIDER])
+        except Exception as exc:  # an ImportError, or a broken build
+            return f"{type(exc).__name__}: {ort_message(exc)}"
+        return None
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        devices = ["cpu", *(["cuda"] if cuda_works() else [])]
+        return {
+            "version": self.version(),
+            "devices": devices,
+            "precisions": list(self.precisions_here("cpu")),
+            "providers_listed": list(ort.get_available_providers()),
+        }
+
+    def open(self, model: Path | ModelBytes, target: Target, **options) -> "OpenSession":
+        return create_session(model, target.device, target.threads, **options)
 
 
 def session_options(threads: int | None, profile_prefix: str | None = None):
@@ -161,7 +285,7 @@ def _new_session(ort, path: Path | ModelBytes, threads: int | None, providers: l
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types; one line each
-        raise SessionError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
+        raise UnsupportedModelError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
 
 
 def _prepare_cuda(ort) -> None:
@@ -206,3 +330,49 @@ def _after_signature(text: str) -> str:
             if depth == 0:
                 return text[index + 1 :].strip()
     return text
+
+
+def _cuda_runner(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    session = open_session.session
+    binding = session.io_binding()
+    # Kept referenced for the binding's lifetime: the device buffers must not move under a CUDA graph.
+    device_values = []
+    for name, array in feeds.items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+        device_values.append(value)
+        binding.bind_ortvalue_input(name, value)
+    if open_session.cuda_graph:
+        # A captured graph replays fixed addresses, so outputs are preallocated once, shaped by a
+        # plain run of the same feeds.
+        for output, example in zip(session.get_outputs(), _output_examples(open_session, feeds)):
+            value = ort.OrtValue.ortvalue_from_numpy(np.empty_like(example), "cuda", 0)
+            device_values.append(value)
+            binding.bind_ortvalue_output(output.name, value)
+    else:
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cuda", 0)
+    binding.synchronize_inputs()
+    return _BoundRun(session, binding, device_values)
+
+
+@dataclass(frozen=True)
+class _BoundRun:
+    """One IO-bound run; holds the device buffers the binding points at, so they outlive it."""
+
+    session: object
+    binding: object
+    device_values: list
+
+    def __call__(self) -> object:
+        # onnxruntime synchronizes the CUDA stream before run_with_iobinding returns, so the
+        # caller's clock sees the whole run.
+        self.session.run_with_iobinding(self.binding)
+        return self.binding
+
+
+def _output_examples(open_session: OpenSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Output arrays of one run, from a graph-free twin session (a capture session must not run on host inputs)."""
+    twin = create_session(open_session.path, "cuda", open_session.threads, cuda_graph=False)
+    return twin.session.run(None, feeds)
