@@ -93,7 +93,7 @@ def test_rounds_keep_each_models_fastest_round_and_the_accuracy_of_the_first(dig
 def test_digits_accuracy_equals_pytorch_and_the_cli_defaults_to_runs_latest(digits_run):
     meta = json.loads((digits_run / "runs" / "latest" / "bmc.json").read_text())
     pytorch_accuracy = meta["history"][-1]["test_accuracy"]
-    result = run_bmc("bench", "--data", "digits", "--iters", "3", "--batch-sizes", "1", "--json", cwd=digits_run)
+    result = run_bmc("bench", "--data", "digits", "--iters", "3", "--batch-sizes", "1", "--runtime", "onnxruntime", "--json", cwd=digits_run)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     (model,) = report["models"]
@@ -159,7 +159,7 @@ def test_bench_and_info_work_where_importing_torch_fails(digits_run, tmp_path):
 
 def test_json_csv_and_markdown_outputs_parse(models, tmp_path):
     result = run_bmc(
-        "bench", str(models["mlp"]), str(models["cnn"]), "--iters", "3", "--batch-sizes", "1,2,4",
+        "bench", str(models["mlp"]), str(models["cnn"]), "--iters", "3", "--batch-sizes", "1,2,4", "--runtime", "onnxruntime",
         "--json", "--csv", "out/r.csv", "--markdown", "out/r.md", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr

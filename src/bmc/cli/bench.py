@@ -1,4 +1,4 @@
-"""`bmc bench`: ONNX models in onnxruntime, side by side. onnxruntime, numpy and rich load inside the command."""
+"""`bmc bench`: ONNX models on every runtime here, side by side. Runtimes, numpy and rich load inside the command."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ def bench_command(
     models: Optional[List[Path]] = typer.Argument(None, help="ONNX files; the first is the baseline (default: the .onnx files of runs/latest)."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes to time."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda (fails unless a GPU really runs the session) or auto."),
+    runtime: str = typer.Option("all", "--runtime", help="onnxruntime, openvino, a comma-separated list, or all (every runtime installed here that has the device)."),
+    precision: str = typer.Option("fp32", "--precision", help="Float precision per runtime: fp32, bf16, fp16, a comma-separated list, or all (each runtime's precisions on this machine; bf16 changes numerics)."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Timed runs per batch size (default: about 1 s of runs)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Time each batch size for this long instead of --iters."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs before timing."),
     rounds: int = typer.Option(1, "--rounds", help="Time all models this many times in turn and keep each one's fastest round (steadier ratios on a busy machine)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: onnxruntime's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads per inference (onnxruntime intra-op, OpenVINO inference threads; default: each runtime's)."),
     data: Optional[str] = typer.Option(None, "--data", help="Also measure accuracy on this bmc data set's test split."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where --data reads from (imagefolder, cifar10, ...)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="On CUDA, capture and replay a CUDA graph."),
@@ -26,7 +28,7 @@ def bench_command(
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Also plot latency against size (PNG; needs matplotlib)."),
 ) -> None:
-    """Measure ONNX models in onnxruntime: size, latency, throughput and accuracy, with ratios against the first."""
+    """Measure ONNX models on each runtime: size, latency, throughput and accuracy, with ratios against the first."""
     from bmc.artifact import atomic_write_bytes
     from bmc.bench import BenchConfig, bench, default_model_paths
     from bmc.bench.report import require_matplotlib
@@ -44,6 +46,8 @@ def bench_command(
         cuda_graph=cuda_graph,
         tensorrt=tensorrt,
         rounds=rounds,
+        runtimes=_names(runtime, "--runtime"),
+        precisions=_names(precision, "--precision"),
     )
     if plot_path is not None:
         require_matplotlib()  # before minutes of measuring, not after
@@ -86,6 +90,20 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not values:
         raise UsageError(f"--batch-sizes expects comma-separated integers like 1,32; got {text!r}")
     return values
+
+
+def _names(text: str, flag: str) -> tuple[str, ...] | None:
+    """'a,b' -> ("a", "b"); 'all' -> None (every one there is)."""
+    from bmc.errors import UsageError
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise UsageError(f"{flag} expects a name, a comma-separated list or all; got {text!r}")
+    if "all" in names:
+        if len(names) > 1:
+            raise UsageError(f"{flag} all stands alone; got {text!r}")
+        return None
+    return names
 
 
 def register(app: typer.Typer) -> None:

@@ -34,8 +34,9 @@ def info_command(
 
     from bmc.data import describe_datasets
     from bmc.environment import environment
+    from bmc.runtime.registry import describe_runtimes
 
-    report = {"datasets": describe_datasets(), "models": _models_if_installed(), "environment": environment()}
+    report = {"datasets": describe_datasets(), "models": _models_if_installed(), "runtimes": describe_runtimes(), "environment": environment()}
     if json_output:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -48,6 +49,13 @@ def info_command(
         typer.echo("models (and any torchvision classifier as torchvision:<name>):")
     for name, text in report["models"].items():
         typer.echo(f"  {name:<16} {text}")
+    typer.echo("runtimes (bmc bench --runtime NAME):")
+    for runtime in report["runtimes"]:
+        if runtime["available"]:
+            typer.echo(f"  {runtime['name']:<16} {_runtime_text(runtime)}")
+    for runtime in report["runtimes"]:
+        if not runtime["available"]:
+            typer.echo(f"  {runtime['name']:<16} {runtime['note']}")
     cpu = report["environment"]["cpu"]
     typer.echo(f"cpu: {cpu['model']}, {cpu['usable_cores']} cores, flags: {' '.join(cpu['flags']) or 'none of interest'}")
 
@@ -62,6 +70,16 @@ def _models_if_installed() -> dict[str, str]:
         if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
             raise
         return {}
+
+
+def _runtime_text(runtime: dict) -> str:
+    """'1.31.1: devices cpu; precisions fp32' and, for OpenVINO, what its CPU plugin sees."""
+    text = f"{runtime['version']}: devices {', '.join(runtime['devices'])}; precisions {', '.join(runtime['precisions'])}"
+    for device in runtime.get("openvino_devices", []):
+        text += f"; {device['name']} {device['full_name']} ({', '.join(device['capabilities'])})"
+    if runtime.get("plugin_default_precision"):
+        text += f"; plugin default {runtime['plugin_default_precision']} (bmc asks fp32 unless told)"
+    return text
 
 
 def _describe_onnx(path: Path, json_output: bool) -> None:
@@ -96,6 +114,9 @@ def _describe_onnx(path: Path, json_output: bool) -> None:
         echo(f"           {len(classes)} classes: {shown}")
         if metadata["source_sha256"]:
             echo(f"           source sha256 {metadata['source_sha256'][:16]}…")
+        for batch_size, target in metadata.get("runtime_targets", {}).items():
+            threads = f", threads {target['threads']}" if target["threads"] else ""
+            echo(f"           batch {batch_size}: {target['runtime']} on {target['device']}, {target['precision']}{threads}")
     for key, value in facts["other_metadata"].items():
         echo(f"metadata   {key} = {value[:200]}")
 
