@@ -371,7 +371,7 @@ def test_target_cuda_defaults_to_fp16_and_says_it_was_not_timed_here(digits_onnx
 @needs_no_gpu
 def test_bench_without_arguments_compares_the_original_with_what_compress_wrote(digits_onnx, workdir):
     compress(CompressConfig(target="cuda"))
-    result = run_bmc("bench", "--iters", "3", "--batch-sizes", "1", "--json", cwd=workdir)
+    result = run_bmc("bench", "--iters", "3", "--batch-sizes", "1", "--runtime", "onnxruntime", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     names = [m["name"] for m in json.loads(result.stdout)["models"]]
     assert names == ["model.onnx", "model-fp16.onnx"]
