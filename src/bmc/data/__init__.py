@@ -105,22 +105,46 @@ class Dataset:
         }
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A data set's defaults wherever the user leaves a setting open: training epochs, batch size
+    and peak rate per optimizer, and the epochs `bmc compress` fine-tunes a pruned model for.
+    Each registered one was chosen by measurement on the 2-core project machine (BENCHMARKS.md)."""
+
+    epochs: int
+    batch_size: int
+    sgd_lr: float
+    adamw_lr: float
+    finetune_epochs: int = 5
+
+
+# For a data set registered without a recipe: short, as for random tensors.
+DEFAULT_RECIPE = Recipe(epochs=2, batch_size=64, sgd_lr=0.05, adamw_lr=1e-3)
+
 DatasetLoader = Callable[[DataConfig], Dataset]
 _LOADERS: dict[str, DatasetLoader] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_RECIPES: dict[str, Recipe] = {}
 
 
-def register_dataset(name: str, description: str = "") -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: make a loader available as `--dataset NAME`."""
+def register_dataset(name: str, description: str = "", recipe: Recipe = DEFAULT_RECIPE) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: make a loader available as `--dataset NAME`, with its default recipe."""
 
     def decorate(loader: DatasetLoader) -> DatasetLoader:
         if name in _LOADERS:
             raise ValueError(f"data set {name!r} registered twice")
         _LOADERS[name] = loader
         _DESCRIPTIONS[name] = description or (loader.__doc__ or "").strip().splitlines()[0]
+        _RECIPES[name] = recipe
         return loader
 
     return decorate
+
+
+def dataset_recipe(name: str) -> Recipe:
+    """The registered data set's recipe (DEFAULT_RECIPE for a name not registered)."""
+    _import_loaders()
+    return _RECIPES.get(name, DEFAULT_RECIPE)
 
 
 def list_datasets() -> list[str]:

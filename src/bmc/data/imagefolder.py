@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.data import IMAGE, Augmentation, DataConfig, Dataset, Normalization, register_dataset
+from bmc.data import IMAGE, Augmentation, DataConfig, Dataset, Normalization, Recipe, register_dataset
 from bmc.errors import DataError, UsageError
 
 log = logging.getLogger("bmc")
@@ -155,7 +155,11 @@ def _read_cache(cache_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
         return None
 
 
-@register_dataset("imagefolder", "any DIR/train/<class>/* and DIR/test/<class>/* image tree (--data-dir)")
+@register_dataset(
+    "imagefolder",
+    "any DIR/train/<class>/* and DIR/test/<class>/* image tree (--data-dir)",
+    Recipe(epochs=20, batch_size=256, sgd_lr=0.4, adamw_lr=2e-3, finetune_epochs=5),
+)
 def load_imagefolder(config: DataConfig) -> Dataset:
     if config.data_dir is None:
         raise UsageError("--dataset imagefolder needs --data-dir DIR holding train/<class>/* and test/<class>/*")

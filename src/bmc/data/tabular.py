@@ -13,6 +13,7 @@ from bmc.data import (
     DataConfig,
     Dataset,
     Normalization,
+    Recipe,
     register_dataset,
 )
 
@@ -35,7 +36,11 @@ def _feature_normalization(train_x: np.ndarray) -> Normalization:
     return Normalization(1.0, tuple(float(v) for v in train_x.mean(axis=0)), tuple(float(v) for v in std))
 
 
-@register_dataset("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images (embedded default)")
+@register_dataset(
+    "digits",
+    "scikit-learn's 8x8 handwritten digits, 1,797 images (embedded default)",
+    Recipe(epochs=30, batch_size=64, sgd_lr=0.1, adamw_lr=3e-3, finetune_epochs=20),
+)
 def load_digits(config: DataConfig) -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -84,21 +89,33 @@ def _sklearn_table(name: str, bunch, task: str, default_model: str) -> Dataset:
     )
 
 
-@register_dataset("iris", "scikit-learn's iris table: 150 flowers, 4 features, 3 classes")
+@register_dataset(
+    "iris",
+    "scikit-learn's iris table: 150 flowers, 4 features, 3 classes",
+    Recipe(epochs=100, batch_size=16, sgd_lr=0.05, adamw_lr=1e-2, finetune_epochs=30),
+)
 def load_iris(config: DataConfig) -> Dataset:
     from sklearn.datasets import load_iris as sk_iris
 
     return _sklearn_table("iris", sk_iris(), CLASSIFICATION, "seed-iris-mlp")
 
 
-@register_dataset("diabetes", "scikit-learn's diabetes regression table: 442 patients, 10 features")
+@register_dataset(
+    "diabetes",
+    "scikit-learn's diabetes regression table: 442 patients, 10 features",
+    Recipe(epochs=300, batch_size=32, sgd_lr=0.05, adamw_lr=0.5),
+)
 def load_diabetes(config: DataConfig) -> Dataset:
     from sklearn.datasets import load_diabetes as sk_diabetes
 
     return _sklearn_table("diabetes", sk_diabetes(), REGRESSION, "seed-linear")
 
 
-@register_dataset("synthetic", "random tensors of --input-shape, for smoke tests and latency work")
+@register_dataset(
+    "synthetic",
+    "random tensors of --input-shape, for smoke tests and latency work",
+    Recipe(epochs=2, batch_size=64, sgd_lr=0.05, adamw_lr=1e-3),
+)
 def load_synthetic(config: DataConfig) -> Dataset:
     rng = np.random.default_rng(SPLIT_SEED)
     shape = tuple(config.synthetic_shape)

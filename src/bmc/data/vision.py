@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.data import IMAGE, Augmentation, DataConfig, Dataset, Normalization, register_dataset
+from bmc.data import IMAGE, Augmentation, DataConfig, Dataset, Normalization, Recipe, register_dataset
 from bmc.errors import DataError
 
 DEFAULT_DATA_DIR = Path("data")
@@ -108,12 +108,20 @@ def _load_idx_set(config: DataConfig, folder: str, label: str, class_names, norm
     )
 
 
-@register_dataset("mnist", "MNIST in torchvision's layout under --data-dir (28x28 grayscale digits)")
+@register_dataset(
+    "mnist",
+    "MNIST in torchvision's layout under --data-dir (28x28 grayscale digits)",
+    Recipe(epochs=5, batch_size=256, sgd_lr=0.2, adamw_lr=2e-3, finetune_epochs=2),
+)
 def load_mnist(config: DataConfig) -> Dataset:
     return _load_idx_set(config, "MNIST", "MNIST", MNIST_CLASSES, MNIST_NORMALIZATION, Augmentation(2, False), "mnist")
 
 
-@register_dataset("fashion-mnist", "Fashion-MNIST in torchvision's layout under --data-dir (28x28 clothing)")
+@register_dataset(
+    "fashion-mnist",
+    "Fashion-MNIST in torchvision's layout under --data-dir (28x28 clothing)",
+    Recipe(epochs=10, batch_size=256, sgd_lr=0.2, adamw_lr=2e-3, finetune_epochs=3),
+)
 def load_fashion_mnist(config: DataConfig) -> Dataset:
     return _load_idx_set(
         config, "FashionMNIST", "Fashion-MNIST", FASHION_CLASSES, FASHION_NORMALIZATION, Augmentation(2, True), "fashion-mnist"
@@ -167,7 +175,11 @@ def _cifar_split(folder: Path, names: list[str], root: Path) -> tuple[np.ndarray
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
-@register_dataset("cifar10", "CIFAR-10 in torchvision's layout under --data-dir (32x32 RGB, 10 classes)")
+@register_dataset(
+    "cifar10",
+    "CIFAR-10 in torchvision's layout under --data-dir (32x32 RGB, 10 classes)",
+    Recipe(epochs=20, batch_size=256, sgd_lr=0.4, adamw_lr=2e-3, finetune_epochs=5),
+)
 def load_cifar10(config: DataConfig) -> Dataset:
     root = _root(config)
     folder = root / CIFAR10_FOLDER
