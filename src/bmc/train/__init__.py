@@ -1,6 +1,6 @@
-"""Training: TrainConfig in, a saved Run out."""
+"""Training: TrainConfig in, a saved Run out (save_run: a given model saved as a run, untrained)."""
 
 from bmc.train.config import TrainConfig
-from bmc.train.loop import Run, TrainProgress, train
+from bmc.train.loop import Run, TrainProgress, save_run, train
 
-__all__ = ["Run", "TrainConfig", "TrainProgress", "train"]
+__all__ = ["Run", "TrainConfig", "TrainProgress", "save_run", "train"]

@@ -266,6 +266,33 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     return Run(run_dir=run_dir, meta=meta)
 
 
+def save_run(config: TrainConfig, model: torch.nn.Module, point_latest: bool = False) -> Run:
+    """Save `model` as a finished run in config.out without training it, its test metrics measured
+    (epoch 0 of its history); returns the Run. What `bmc compress --finetune-epochs 0` keeps of a
+    pruned model: not one step, so not even BatchNorm's running statistics move."""
+    dataset = load_dataset(config.data)
+    config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model, lambda m: model_entry(m).conv_net)
+    placement, device = Placement(torch.device("cpu")), torch.device("cpu")
+    model = copy.deepcopy(model).to(device).eval()
+    resized = model_input_shape(config.model, dataset.input_shape)
+    normalizer = Normalizer(
+        dataset.normalization, dataset.layout == IMAGE, tuple(resized[1:]) if resized != dataset.input_shape else None
+    ).to(device)
+    metrics = _evaluate(
+        model, normalizer, torch.from_numpy(dataset.test_x), torch.from_numpy(dataset.test_y), dataset.task == CLASSIFICATION,
+        device, torch.contiguous_format, placement, eval_batch_size(math.prod(resized), EVAL_BATCH),
+    )
+    run_dir = _make_run_dir(config, placement)
+    meta = _describe_run(config, dataset, model, "fp32", device, placement)
+    meta["model"].update(pruned=True, dropped_blocks=dropped_blocks(model), distilled=False)
+    meta["epochs"] = 0
+    history = [{"epoch": 0, **metrics, "seconds": 0.0}]
+    meta = save_checkpoint(run_dir, model, None, {**meta, "history": history, "completed_epochs": 0, "status": "complete"})
+    if point_latest:
+        point_latest_at(run_dir)
+    return Run(run_dir=run_dir, meta=meta)
+
+
 @contextlib.contextmanager
 def _onednn_enabled(enabled: bool):
     # Not torch.backends.mkldnn.flags(): it also sets TF32 and warns about Intel GPUs on every call.
