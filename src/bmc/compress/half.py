@@ -1,4 +1,4 @@
-"""fp16, accepted only where it is measured faster than fp32 on the target (the compress speed guarantee).
+"""fp16, kept only where it is measured faster than fp32 on the target (the compress speed guarantee).
 
 On onnxruntime's CUDA provider fp16 is the fast path (int8 QDQ models have no int8 kernels there);
 on its CPU provider most fp16 operators fall back behind casts and run slower than fp32. Both are
@@ -7,39 +7,35 @@ timed here rather than assumed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
 from pathlib import Path
 
-TIMING_ROUNDS = 3
+from bmc.compress.compare import Contender, Runtime, Settings, compare
+from bmc.compress.config import CompressConfig
+from bmc.compress.quantize.config import QuantizeConfig
+from bmc.compress.report import HalfResult
+from bmc.compress.stage import Artifact
+
+HALF_FILE = "model-fp16.onnx"
+SECONDS_PER_TIMING = 1.5  # per model and batch size, over all rounds
 
 
-@dataclass
-class HalfResult:
-    target: str
-    timed_on: str | None  # the device really timed on; None where the target is absent here
-    accepted: bool
-    note: str
-    speedup: dict[int, float] = field(default_factory=dict)
-    latency_ms: dict[int, float] = field(default_factory=dict)
-    baseline_latency_ms: dict[int, float] = field(default_factory=dict)
-    accuracy_drop_points: float | None = None
+def fp16(artifact: Artifact, config: CompressConfig) -> tuple[Artifact, HalfResult]:
+    """Export the run in half precision, then keep it only where it is measured faster on the target."""
+    from bmc.export import ExportConfig, export
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    half = export(ExportConfig(run_dir=artifact.run_dir, fp16=True, out=artifact.out_dir / HALF_FILE))
+    judged = dataclasses.replace(judge_fp16(artifact.onnx, half.path, config.target, config.quantization), max_abs_diff=half.max_abs_diff)
+    if judged.accepted:
+        return dataclasses.replace(artifact, quantized=half.path), dataclasses.replace(judged, path=half.path)
+    # A rejected candidate is not left beside the result, as with int8, nor named as if it were.
+    half.path.unlink(missing_ok=True)
+    Path(f"{half.path}.sha256").unlink(missing_ok=True)
+    return artifact, judged
 
 
-def judge_fp16(
-    fp32_path: Path,
-    fp16_path: Path,
-    target: str,
-    batch_sizes: tuple[int, ...] = (1, 32),
-    seconds_per_timing: float = 1.5,
-    max_accuracy_drop_points: float = 1.0,
-    data: str | None = None,
-    data_dir: Path | None = None,
-) -> HalfResult:
+def judge_fp16(fp32_path: Path, fp16_path: Path, target: str, quantization: QuantizeConfig) -> HalfResult:
     """Time fp16 against fp32 on the target (best median of a few rounds each) and check the accuracy budget."""
-    from bmc.bench import BenchConfig, bench_rounds
     from bmc.runtime.sessions import cuda_works
 
     if target == "cuda" and not cuda_works():
@@ -50,38 +46,32 @@ def judge_fp16(
             note="fp16 for cuda, not timed: onnxruntime has no working CUDA provider here; "
             "run `bmc bench MODEL.onnx MODEL-fp16.onnx --device cuda` on the target",
         )
-    if data is None:  # the data set the model was trained on, as int8 calibration defaults to
-        from bmc.runtime.model_file import open_model
-        from bmc.runtime.metadata import ModelMetadata
-
-        data = ModelMetadata.from_props(open_model(Path(fp32_path)).metadata_props).dataset or None
-    first, best = bench_rounds(
-        [fp32_path, fp16_path],
-        BenchConfig(batch_sizes=batch_sizes, device=target, seconds=seconds_per_timing / TIMING_ROUNDS, data=data, data_dir=data_dir),
-        TIMING_ROUNDS,
+    runtime = Runtime(device=target, threads=quantization.threads)
+    comparison = compare(
+        Contender(Path(fp32_path), "fp32", runtime), [Contender(Path(fp16_path), "fp16", runtime)],
+        settings=Settings(quantization.batch_sizes, SECONDS_PER_TIMING, quantization.calib_data, quantization.calib_data_dir),
     )
-    speedup = {b: round(best[0][b] / best[1][b], 3) for b in batch_sizes if b in best[0] and b in best[1]}
-    base_quality, half_quality = first.models[0].quality, first.models[1].quality
-    drop = None
-    if base_quality is not None and half_quality is not None and None not in (base_quality.accuracy, half_quality.accuracy):
-        drop = round(100 * (base_quality.accuracy - half_quality.accuracy), 4)
+    half = comparison.candidates[0]
+    speedup = {b: round(s, 3) for b, s in comparison.speedup(half).items()}
+    drop = comparison.accuracy_drop_points(half)
+    drop = round(drop, 4) if drop is not None else None
+    budget = quantization.max_accuracy_drop_points
     faster = bool(speedup) and all(s > 1.0 for s in speedup.values())
-    within = drop is None or drop <= max_accuracy_drop_points
+    within = drop is None or drop <= budget
     shown = ", ".join(f"{s:.2f}x at batch {b}" for b, s in speedup.items())
     if faster and within:
         note = f"fp16 on {target}: {shown}"
     elif not faster:
         note = f"kept fp32: fp16 is not faster on {target} at every batch size ({shown})"
     else:
-        note = f"kept fp32: fp16 loses {drop:.2f} points, over the {max_accuracy_drop_points} budget"
+        note = f"kept fp32: fp16 loses {drop:.2f} points, over the {budget} budget"
     return HalfResult(
         target=target,
         timed_on=target,
         accepted=faster and within,
         note=note,
         speedup=speedup,
-        latency_ms={b: round(ms, 4) for b, ms in best[1].items()},
-        baseline_latency_ms={b: round(ms, 4) for b, ms in best[0].items()},
+        latency_ms={b: round(ms, 4) for b, ms in half.latency_ms.items()},
+        baseline_latency_ms={b: round(ms, 4) for b, ms in comparison.baseline.latency_ms.items()},
         accuracy_drop_points=drop,
     )
-

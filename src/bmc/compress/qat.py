@@ -1,5 +1,8 @@
 """Quantization-aware fine-tuning: train under simulated int8 so onnxruntime's int8 loses less.
 
+A training method before int8, not a format: asked (--qat), or the last of int8's fallbacks where
+post-training int8 was fast enough but lost too much accuracy even with layers left in float.
+
 Every Conv2d and Linear is switched in place to a subclass whose forward passes its input and its
 weight through fake quantization shaped like the int8 recipes bmc measures in onnxruntime: inputs
 per tensor, asymmetric, 8 bits (uint8), ranges from a running average of the observed min and max;
@@ -11,10 +14,23 @@ measured choice of recipe like any other model.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bmc.compress.config import CompressConfig
+from bmc.compress.finetune import export_run, finetune, load_run
+from bmc.compress.outputs import relocated
+from bmc.compress.quantize.search import INT8_FILE, lost_on_accuracy_only, quantize_int8
+from bmc.compress.report import QatResult
+from bmc.compress.stage import Artifact
+
+QAT_RUN = "qat-run"
 RANGE_MOMENTUM = 0.9
 WEIGHT_QMAX = 63  # 7-bit symmetric weights: the reduce_range recipes bmc measures
 
@@ -65,3 +81,40 @@ def enable_fake_quant(model: nn.Module) -> nn.Module:
             module._fq_low = None
             module._fq_high = None
     return model
+
+
+def qat(artifact: Artifact, config: CompressConfig) -> tuple[Artifact, QatResult]:
+    """Fine-tune under simulated int8, then int8 chosen by measurement against the model before it."""
+    return _fine_tune_then_int8(artifact, config, fallback=False)
+
+
+def qat_where_int8_lost_accuracy(artifact: Artifact, config: CompressConfig) -> tuple[Artifact, QatResult | None]:
+    """QAT only where post-training int8 kept nothing, yet a recipe was fast enough and failed the
+    accuracy budget alone: fine-tuning can recover accuracy, not speed."""
+    if artifact.int8 is None or not lost_on_accuracy_only(artifact.int8, config.quantization):
+        return artifact, None
+    return _fine_tune_then_int8(artifact, config, fallback=True)
+
+
+def _fine_tune_then_int8(artifact: Artifact, config: CompressConfig, fallback: bool) -> tuple[Artifact, QatResult]:
+    from bmc.data import dataset_recipe
+
+    model, _, trained = load_run(artifact.run_dir)
+    epochs = config.finetune_epochs or max(1, dataset_recipe(trained.data.name).finetune_epochs // 2)
+    # Near a good solution already: a small rate, the teacher being the model as it was.
+    factor = 0.01 if trained.optimizer == "sgd" else 0.1
+    recipe = dataclasses.replace(trained, lr=config.finetune_lr or trained.lr * factor, out=artifact.out_dir / QAT_RUN,
+                                 kd_temperature=config.kd_temperature, kd_alpha=config.kd_alpha)
+    tuned = finetune(recipe, enable_fake_quant(copy.deepcopy(model)), epochs, model if config.distill else None)
+    exported = export_run(tuned.run_dir)
+    scratch = artifact.out_dir / "qat"
+    quantized = quantize_int8(exported.path, scratch, config.quantization, baseline_path=artifact.onnx)
+    chosen = None
+    if quantized.chosen is not None:
+        chosen = artifact.out_dir / INT8_FILE
+        shutil.move(quantized.chosen, chosen)
+        shutil.move(f"{quantized.chosen}.sha256", f"{chosen}.sha256")
+        quantized = relocated(quantized, Path(quantized.chosen), chosen)
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = QatResult(tuned, quantized, fallback, chosen)
+    return (dataclasses.replace(artifact, quantized=chosen) if chosen else artifact), result
