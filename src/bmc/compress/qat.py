@@ -52,7 +52,8 @@ def _fake_quant_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale.to(x.device), zero_point.to(x.device), 0, 255)
 
 
-def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the int8 recipes store it: per output channel, symmetric, 7 bits."""
     flat = weight.detach().float().reshape(weight.shape[0], -1)
     scale = torch.clamp(flat.abs().amax(dim=1) / WEIGHT_QMAX, min=1e-12)
     zero_point = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
@@ -61,12 +62,12 @@ def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
 
 class FakeQuantConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(_fake_quant_input(self, x), _fake_quant_weight(self.weight), self.bias)
+        return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
 class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_fake_quant_input(self, x), _fake_quant_weight(self.weight), self.bias)
+        return F.linear(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
 SWAPS = {nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}

@@ -11,6 +11,7 @@ from bmc.compress.report import (
     DistillResult,
     HalfResult,
     Metrics,
+    PruneOutcome,
     PruneResult,
     QatResult,
     QuantizeResult,
@@ -64,7 +65,7 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
     )
     rows = []
     for measured in (comparison.baseline, *comparison.candidates):
-        change = comparison.accuracy_drop_points(measured)
+        drop = comparison.accuracy_drop_points(measured)
         rows.append(SummaryRow(
             stage=measured.contender.label, path=measured.contender.path, format=measured.format, device=measured.device,
             parameters=measured.parameters, size_bytes=measured.size_bytes, gzip_bytes=measured.gzip_bytes,
@@ -72,7 +73,7 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
             latency_ms={b: round(ms, 4) for b, ms in measured.latency_ms.items()},
             size_ratio=round(comparison.size_ratio(measured), 3),
             speedup={b: round(s, 3) for b, s in comparison.speedup(measured).items()},
-            accuracy_change_points=round(-change, 3) if change is not None else None,
+            accuracy_change_points=round(-drop, 3) if drop is not None else None,
         ))
     notes = []
     for result in results:
@@ -81,7 +82,7 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
         if isinstance(result, PruneResult):
             notes += pruning_shortfall(result, config)
     if reference is not None:
-        notes += pruning_paid_off(rows[-2], rows[-1], prune)
+        notes += pruning_paid_off(rows[-2], rows[-1], prune.cut)
     return rows, notes
 
 
@@ -123,7 +124,7 @@ def pruning_shortfall(result: PruneResult, config: CompressConfig) -> list[str]:
     return notes
 
 
-def pruning_paid_off(pruned: SummaryRow, unpruned: SummaryRow, prune: PruneResult) -> list[str]:
+def pruning_paid_off(pruned: SummaryRow, unpruned: SummaryRow, cut: PruneOutcome) -> list[str]:
     """A note when the pruned int8 model is no faster than int8 alone at some batch size (with what
     pruning cost, and the way out where the model has residual blocks to drop)."""
     slower = {b: ms for b, ms in pruned.latency_ms.items() if ms >= unpruned.latency_ms.get(b, float("inf"))}
@@ -134,9 +135,9 @@ def pruning_paid_off(pruned: SummaryRow, unpruned: SummaryRow, prune: PruneResul
         lost = f" and cost {100 * (unpruned.accuracy - pruned.accuracy):.2f} points"
     where = ", ".join(f"batch {b}: {ms:.3f} against {unpruned.latency_ms[b]:.3f} ms" for b, ms in slower.items())
     smaller = 1 - pruned.size_bytes / unpruned.size_bytes
-    droppable = prune.cut.droppable_blocks
+    droppable = cut.droppable_blocks
     depth = ""
-    if droppable and not prune.cut.blocks_dropped:
+    if droppable and not cut.blocks_dropped:
         depth = (f"; --prune-strategy depth removes whole residual blocks instead ({droppable} of this model's can go), "
                  "which takes operators and their fixed costs away, not only arithmetic")
     return [

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from bmc.compress.prune.measure import meta_skeleton
+from bmc.compress.prune.measure import trial_copy, trial_device
 from bmc.errors import BmcError
 
 # What Torch-Pruning raises on graphs it cannot follow (shufflenet_v2's channel shuffle: ZeroDivisionError).
@@ -145,9 +145,10 @@ def traceable_parts(model: nn.Module, inputs: dict[str, tuple]) -> list[str]:
 def keeps_part_shapes(model: nn.Module, inputs: dict[str, tuple], cut: ChannelCut) -> bool:
     """Whether this group's cut leaves its part taking and giving the same shapes: only then can the
     part change without the model's graph (which Torch-Pruning cannot build) following it. Checked
-    on a skeleton of the part."""
-    skeleton = meta_skeleton(model.get_submodule(cut.scope))
-    args = tuple(a.to("meta") for a in inputs[cut.scope])
+    on a trial copy of the part."""
+    part = model.get_submodule(cut.scope)
+    skeleton = trial_copy(part)
+    args = tuple(a.to(trial_device(part)) for a in inputs[cut.scope])
     try:
         with torch.no_grad():
             before = skeleton(*args)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bmc.compress.prune.measure import count_macs_and_params, meta_skeleton
+from bmc.compress.prune.measure import count_macs_and_params, trial_copy, trial_device
 from bmc.compress.prune.outcome import BlockRank
 from bmc.models.blocks import DroppedBlock, drop_blocks, replace_module
 
@@ -76,12 +76,12 @@ class KLPerMillisecond:
             # to drop: rank them all by MACs instead of mixing the two measures.
             log.info("depth pruning: no kernel time found for some blocks; ranking them by MACs")
             times = {}
-        shape_only = example.to("meta")
-        macs_full = count_macs_and_params(meta_skeleton(model), shape_only)[0]
+        trial_example = example.to(trial_device(model))
+        macs_full = count_macs_and_params(model, example)[0]
         ranking = []
         for name, kind in blocks:
-            without = drop_blocks(meta_skeleton(model), [(name, kind)])
-            saved = macs_full - count_macs_and_params(without, shape_only)[0]
+            without = drop_blocks(trial_copy(model), [(name, kind)])
+            saved = macs_full - count_macs_and_params(without, trial_example)[0]
             ranking.append(BlockRank(name, kind, shift[name], saved, times.get(name)))
         return sorted(ranking, key=lambda block: block.cost)
 
