@@ -8,25 +8,30 @@ quantize/), quantization-aware fine-tuning (qat.py) or fp16 (half.py), each kept
 measured faster. Every stage returns a typed result (report.py) and hands on an Artifact
 (stage.py); compare.py measures models together, summary.py closes the run; the output folder is
 replaced only by a finished run (outputs.py).
-Importing this package does not import torch.
+Importing this package imports neither torch nor numpy: `bmc --help` reads the strategies from it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bmc.compress.config import QUANTIZATIONS, TARGETS, CompressConfig
 from bmc.compress.quantize.config import QuantizeConfig
-from bmc.compress.report import (
-    REPORT,
-    CompressReport,
-    DistillResult,
-    HalfResult,
-    Metrics,
-    PruneResult,
-    QatResult,
-    QuantizeResult,
-    SparsityResult,
-    SummaryRow,
-)
+
+if TYPE_CHECKING:
+    from bmc.compress.report import CompressReport
+
+# The report's types, imported on first use (report.py reaches numpy through the int8 search's types).
+_REPORT_TYPES = ("REPORT", "CompressReport", "DistillResult", "HalfResult", "Metrics", "PruneResult", "QatResult",
+                 "QuantizeResult", "SparsityResult", "SummaryRow")
+
+
+def __getattr__(name: str):
+    if name in _REPORT_TYPES:
+        from bmc.compress import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compress(config: CompressConfig) -> CompressReport:
