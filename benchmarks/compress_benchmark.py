@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from bmc.compress import CompressConfig, PruneResult, compress  # noqa: E402
-from bmc.compress.compare import Contender, Runtime, Settings, compare  # noqa: E402
+from bmc.compress.compare import Contender, Settings, compare  # noqa: E402
 from bmc.compress.quantize.calibration import calibration_inputs, pre_process  # noqa: E402
 from bmc.compress.quantize.config import QuantizeConfig  # noqa: E402
 from bmc.compress.quantize.recipes import QuantRecipe, quantize_with_recipe  # noqa: E402
@@ -78,7 +78,9 @@ def int8_table(args, scratch: Path) -> None:
     if chosen.chosen:
         entries.append((f"bmc compress ({chosen.chosen_recipe})", Path(chosen.chosen)))
 
-    runtime = Runtime(threads=args.threads)
+    from bmc.runtime.target import Target
+
+    runtime = Target(threads=args.threads)
     comparison = compare(
         Contender(source, "fp32", runtime), [Contender(path, name, runtime) for name, path in entries],
         settings=Settings((1, 32), args.seconds, calibration.data if args.run else None, args.data_dir),
@@ -107,7 +109,7 @@ def strategies_table(args) -> None:
     import torchvision
 
     from bmc.compress.prune.latency import OnnxProbe
-    from bmc.compress.prune.search import Target, prune_structured
+    from bmc.compress.prune.search import PruneTarget, prune_structured
 
     models = {}
     if args.run is not None:
@@ -123,7 +125,7 @@ def strategies_table(args) -> None:
         started = time.perf_counter()
         probe = OnnxProbe(example, batch_sizes=(1,))
         dense = probe.latency_ms(model)[1]
-        pruned, cut = prune_structured(model, example, Target(args.prune), "fastest", probe)
+        pruned, cut = prune_structured(model, example, PruneTarget(args.prune), "fastest", probe)
         timed = {strategy: times[1] for strategy, times in cut.candidate_latency_ms.items()}
         if not timed:  # one candidate only (shufflenet: by parts): compress does not time it, this does
             timed = {cut.strategy: probe.latency_ms(pruned)[1]}

@@ -22,7 +22,7 @@ import torch
 from bmc.artifact import sha256_file
 from bmc.compress import CompressConfig, DistillResult, HalfResult, PruneResult, QatResult, QuantizeConfig, QuantizeResult, compress
 from bmc.compress.prune.outcome import PruneOutcome
-from bmc.compress.prune.search import Target, prune_structured
+from bmc.compress.prune.search import PruneTarget, prune_structured
 from bmc.compress.prune.strategies import CUTS, strategy_names
 from bmc.compress.quantize.calibration import prepare
 from bmc.compress.quantize.recipes import QuantRecipe, candidate_recipes, quantize_with_recipe
@@ -402,7 +402,7 @@ def test_every_registered_strategy_reaches_the_target_and_the_pruned_model_runs(
     torch.manual_seed(0)
     model = _TinyResNet().eval()
     example = torch.zeros(1, 3, 16, 16)
-    pruned, cut = prune_structured(model, example, Target(0.4), strategy)
+    pruned, cut = prune_structured(model, example, PruneTarget(0.4), strategy)
     assert cut.macs_removed >= 0.4 and cut.strategy in {c.name for c in CUTS}
     assert cut.droppable_blocks == 3 and (strategy in ("depth", "fastest")) == bool(cut.block_ranking)
     if strategy == "depth":  # a third of the MACs in one block: one goes whole, channels make up the rest
@@ -435,7 +435,7 @@ def test_block_internal_pruning_keeps_the_residual_streams_and_rounds_to_eights(
     torch.manual_seed(0)
     model = create_model("resnet20", (3, 32, 32), 10).eval()
     example = torch.randn(4, 3, 32, 32)
-    pruned, cut = prune_structured(model, example[:1], Target(0.5), "block-internal")
+    pruned, cut = prune_structured(model, example[:1], PruneTarget(0.5), "block-internal")
     assert cut.strategy == "block-internal channels only" and cut.macs_removed >= 0.5
     for (name, before), after in zip(
         ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)),
@@ -457,8 +457,8 @@ def test_a_parameter_target_cuts_the_channels_that_hold_the_most_parameters():
     torch.manual_seed(0)
     model = create_model("resnet20", (3, 32, 32), 10).eval()
     example = torch.zeros(1, 3, 32, 32)
-    _, macs_only = prune_structured(model, example, Target(0.3), "block-internal")
-    pruned, both = prune_structured(model, example, Target(0.3, params=0.6), "block-internal")
+    _, macs_only = prune_structured(model, example, PruneTarget(0.3), "block-internal")
+    pruned, both = prune_structured(model, example, PruneTarget(0.3, params=0.6), "block-internal")
     macs, params = count_macs_and_params(pruned, example)
     assert macs_only.macs_removed >= 0.3 and macs_only.params_removed < 0.6
     assert 1 - macs / both.macs_before >= 0.3 and 1 - params / both.params_before >= 0.6
@@ -521,14 +521,14 @@ def test_depth_pruning_drops_the_blocks_that_cost_least_per_millisecond_they_sav
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     example = torch.zeros(1, 3, 32, 32)
-    _, by_macs = prune_structured(model, example, Target(0.2), "depth")
+    _, by_macs = prune_structured(model, example, PruneTarget(0.2), "depth")
     most_moving = by_macs.block_ranking[-1]  # the block whose loss moves the predictions most
     # The same model where that block's kernels take 100x the time of the others: it goes first.
-    _, by_time = prune_structured(model, example, Target(0.2), "depth", probe=_SlowBlock(most_moving.name))
+    _, by_time = prune_structured(model, example, PruneTarget(0.2), "depth", probe=_SlowBlock(most_moving.name))
     assert most_moving.name in by_time.blocks_dropped and by_time.block_ranking[0] == dataclasses.replace(most_moving, time_ms=100.0)
     assert most_moving.name not in by_macs.blocks_dropped and all(r.time_ms is None for r in by_macs.block_ranking)
     # A block the profile could not place is not taken for free: the ranking falls back to MACs.
-    _, fallback = prune_structured(model, example, Target(0.2), "depth", probe=_SlowBlock(None, unplaced=most_moving.name))
+    _, fallback = prune_structured(model, example, PruneTarget(0.2), "depth", probe=_SlowBlock(None, unplaced=most_moving.name))
     assert fallback.blocks_dropped == by_macs.blocks_dropped and fallback.block_ranking[0].time_ms is None
 
 
@@ -555,7 +555,7 @@ def test_a_cut_torch_pruning_cannot_make_gives_way_to_the_next_and_none_at_all_i
     example = torch.randn(1, 3, 64, 64)
     # regnet's grouped convolutions defeat block-internal rounding but not uniform pruning.
     regnet = torchvision.models.regnet_x_400mf(num_classes=10).eval()
-    pruned, cut = prune_structured(regnet, example, Target(0.5), "block-internal")
+    pruned, cut = prune_structured(regnet, example, PruneTarget(0.5), "block-internal")
     assert cut.strategy == "uniform" and cut.macs_removed >= 0.5
     assert cut.strategies_failed["block-internal channels only"].startswith("structured pruning failed on this architecture")
     with torch.no_grad():
@@ -579,7 +579,7 @@ def test_a_cut_torch_pruning_cannot_make_gives_way_to_the_next_and_none_at_all_i
             return self.head(x.mean((2, 3)))
 
     with pytest.raises(BmcError, match="no channel could go.*every strategy.*--sparsity") as caught:
-        prune_structured(Shuffled().eval(), example, Target(0.5))
+        prune_structured(Shuffled().eval(), example, PruneTarget(0.5))
     assert "\n" not in str(caught.value)
 
 
@@ -594,7 +594,7 @@ def test_shufflenet_is_pruned_inside_its_blocks_where_its_channel_shuffle_breaks
     model = torchvision.models.shufflenet_v2_x1_0(num_classes=10).eval()
     blocks = {name: block for name, block in model.named_modules() if type(block).__name__ == "InvertedResidual"}
     widths = {name: block.branch2[-3].out_channels for name, block in blocks.items()}
-    pruned, cut = prune_structured(model, example[:1], Target(0.5))
+    pruned, cut = prune_structured(model, example[:1], PruneTarget(0.5))
     # Torch-Pruning fails with ZeroDivisionError on the whole model; then one graph per block.
     assert cut.strategy == PARTS.name and "ZeroDivisionError" in cut.strategies_failed["uniform"]
     assert cut.macs_removed >= 0.5 and cut.left_dense == ["fc"]
@@ -672,7 +672,7 @@ def test_pruning_with_no_fine_tuning_saves_the_pruned_model_untouched_and_fine_t
     model, meta = load_model(workdir / "untuned" / "pruned-run")
     # Not one step: even BatchNorm's running statistics are those of the pruned copy.
     source, _ = load_model(original.run_dir)
-    expected, _ = prune_structured(source, torch.zeros(1, 1, 8, 8), Target(0.5), "depth")
+    expected, _ = prune_structured(source, torch.zeros(1, 1, 8, 8), PruneTarget(0.5), "depth")
     assert model.state_dict().keys() == expected.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], expected.state_dict()[k]) for k in expected.state_dict())
     assert meta["completed_epochs"] == 0 and _stage(untuned, PruneResult).finetune.epochs == 0

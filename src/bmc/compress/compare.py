@@ -3,8 +3,8 @@
 int8's candidate search, fp16's judgement and the closing summary each compare a baseline with
 candidates in one run, in rounds: every model is timed `rounds` times in turn and keeps its
 fastest round, so a burst of other work on a shared machine hits one round, not one model.
-A contender is a model file and the runtime it runs on; onnxruntime is the one compress measures on
-today, and the runtime's settings travel with each contender so others can join.
+A contender is a model file and the runtime target it runs on (bmc.runtime's Target: runtime,
+device, precision, threads); one comparison measures every contender on one target today.
 """
 
 from __future__ import annotations
@@ -14,31 +14,18 @@ from pathlib import Path
 from typing import Sequence
 
 from bmc.errors import UsageError
+from bmc.runtime.target import Target
 
 TIMING_ROUNDS = 3
-RUNTIMES = ("onnxruntime",)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where a model file runs when it is measured: the runtime, its device and its settings."""
-
-    name: str = "onnxruntime"
-    device: str = "cpu"
-    threads: int | None = None  # intra-op threads; None: the runtime's default
-
-    def __post_init__(self) -> None:
-        if self.name not in RUNTIMES:
-            raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}; got {self.name!r}")
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One model file on one runtime: what compare() measures."""
+    """One model file on one runtime target: what compare() measures."""
 
     path: Path
     label: str = ""
-    runtime: Runtime = field(default_factory=Runtime)
+    target: Target = field(default_factory=Target)
 
 
 @dataclass(frozen=True)
@@ -94,15 +81,16 @@ def compare(baseline: Contender, candidates: Sequence[Contender], rounds: int = 
     from bmc.bench import BenchConfig, bench
 
     contenders = [baseline, *candidates]
-    runtimes = {c.runtime for c in contenders}
-    if len(runtimes) != 1:
-        raise UsageError(f"one comparison runs on one runtime; got {', '.join(sorted(str(r) for r in runtimes))}")
-    runtime = runtimes.pop()
+    targets = {c.target for c in contenders}
+    if len(targets) != 1:
+        raise UsageError(f"one comparison runs on one target; got {', '.join(sorted(t.label for t in targets))}")
+    target = targets.pop()
     report = bench(
         [c.path for c in contenders],
         BenchConfig(
-            batch_sizes=settings.batch_sizes, device=runtime.device, seconds=settings.seconds / rounds, threads=runtime.threads,
+            batch_sizes=settings.batch_sizes, device=target.device, seconds=settings.seconds / rounds, threads=target.threads,
             data=settings.data, data_dir=settings.data_dir if settings.data else None, rounds=rounds,
+            runtimes=(target.runtime,), precisions=(target.precision,),
         ),
     )
     measured = [

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bmc.compress.compare import Contender, Runtime, Settings, compare
+from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.config import CompressConfig
 from bmc.compress.quantize.config import QuantizeConfig
+from bmc.runtime.target import Target
 from bmc.compress.report import HalfResult
 from bmc.compress.stage import Artifact
 
@@ -46,9 +47,9 @@ def judge_fp16(fp32_path: Path, fp16_path: Path, target: str, quantization: Quan
             note="fp16 for cuda, not timed: onnxruntime has no working CUDA provider here; "
             "run `bmc bench MODEL.onnx MODEL-fp16.onnx --device cuda` on the target",
         )
-    runtime = Runtime(device=target, threads=quantization.threads)
+    measured_on = Target(device=target, threads=quantization.threads)
     comparison = compare(
-        Contender(Path(fp32_path), "fp32", runtime), [Contender(Path(fp16_path), "fp16", runtime)],
+        Contender(Path(fp32_path), "fp32", measured_on), [Contender(Path(fp16_path), "fp16", measured_on)],
         settings=Settings(quantization.batch_sizes, SECONDS_PER_TIMING, quantization.calib_data, quantization.calib_data_dir),
     )
     half = comparison.candidates[0]

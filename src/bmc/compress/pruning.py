@@ -22,7 +22,7 @@ def prune(artifact: Artifact, config) -> tuple[Artifact, PruneResult]:
     from bmc.compress.prune.blocks import residual_blocks
     from bmc.compress.prune.importance import KLPerMillisecond
     from bmc.compress.prune.latency import OnnxProbe
-    from bmc.compress.prune.search import Counts, Target, fraction_left, prune_structured
+    from bmc.compress.prune.search import Counts, PruneTarget, fraction_left, prune_structured
     from bmc.compress.prune.strategies import get_strategy
 
     original, meta, trained = load_run(artifact.run_dir)
@@ -42,7 +42,7 @@ def prune(artifact: Artifact, config) -> tuple[Artifact, PruneResult]:
     current, done = original, []
     for step in range(1, steps + 1):
         now = Counts.of(current, example)
-        target = Target(fraction_left(config.prune * step / steps, before.macs, now.macs),
+        target = PruneTarget(fraction_left(config.prune * step / steps, before.macs, now.macs),
                         fraction_left(config.prune_params * step / steps, before.params, now.params))
         pruned, cut = prune_structured(current, example, target, strategy, probe, importance)
         step_dir = artifact.out_dir / (PRUNED_RUN if step == steps else f"pruned-step{step}")

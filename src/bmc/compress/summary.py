@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bmc.compress.compare import Contender, Runtime, Settings, compare
+from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.config import CompressConfig
+from bmc.runtime.target import Target
 from bmc.compress.report import (
     DistillResult,
     HalfResult,
@@ -58,9 +59,9 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
     reference = _unpruned_int8(original, results, config, out_dir) if prune is not None else None
     if reference is not None:
         produced.append((NOT_PRUNED, reference))
-    runtime = Runtime(device="cuda" if config.target == "cuda" and cuda_works() else "cpu")
+    measured_on = Target(device="cuda" if config.target == "cuda" and cuda_works() else "cpu")
     comparison = compare(
-        Contender(original, "original", runtime), [Contender(path, label, runtime) for label, path in produced],
+        Contender(original, "original", measured_on), [Contender(path, label, measured_on) for label, path in produced],
         settings=Settings((1, 32), SUMMARY_SECONDS, config.quantization.calib_data, config.quantization.calib_data_dir),
     )
     rows = []

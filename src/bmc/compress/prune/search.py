@@ -32,7 +32,7 @@ MAX_CHANNEL_RATIO = 0.95
 
 
 @dataclass(frozen=True)
-class Target:
+class PruneTarget:
     """What pruning must remove: a fraction of the MACs (speed) and of the parameters (size; 0: none asked)."""
 
     macs: float
@@ -69,7 +69,7 @@ def fraction_left(target: float, before: int, now: int) -> float:
 def prune_structured(
     model: nn.Module,
     example: torch.Tensor,
-    target: Target,
+    target: PruneTarget,
     strategy: Strategy | str = "depth",
     probe: Probe | None = None,
     block_importance: BlockImportance | None = None,
@@ -92,7 +92,7 @@ def prune_structured(
         return _prune_structured(model, example, target, strategy, probe, block_importance)
 
 
-def _prune_structured(model, example, target: Target, strategy: Strategy, probe, block_importance) -> tuple[nn.Module, PruneOutcome]:
+def _prune_structured(model, example, target: PruneTarget, strategy: Strategy, probe, block_importance) -> tuple[nn.Module, PruneOutcome]:
     before = Counts.of(model, example)
     blocks = residual_blocks(model)
     ranking: list[BlockRank] = []
@@ -166,7 +166,7 @@ def _the_most_that_can_go(model: nn.Module, example: torch.Tensor, failed: dict[
         ) from None
 
 
-def _candidate(model: nn.Module, example: torch.Tensor, target: Target, before: Counts, cut: Cut,
+def _candidate(model: nn.Module, example: torch.Tensor, target: PruneTarget, before: Counts, cut: Cut,
                ranking: list[BlockRank]) -> _Candidate | None:
     """The cut's pruned copy that reaches the target, or None when it cannot or does not apply."""
     start, start_counts = model, before
@@ -175,7 +175,7 @@ def _candidate(model: nn.Module, example: torch.Tensor, target: Target, before: 
         if start is None:
             return None
         start_counts = Counts.of(start, example)
-    left = Target(fraction_left(target.macs, before.macs, start_counts.macs), fraction_left(target.params, before.params, start_counts.params))
+    left = PruneTarget(fraction_left(target.macs, before.macs, start_counts.macs), fraction_left(target.params, before.params, start_counts.params))
     for round_to in (ROUND_CHANNELS_TO, None):
         if start is not model and max(left.macs, left.params) < 0.01:
             return _Candidate(cut, start, [], 0.0, None)  # the dropped blocks alone reach the targets
@@ -185,7 +185,7 @@ def _candidate(model: nn.Module, example: torch.Tensor, target: Target, before: 
     return None
 
 
-def _search_ratio(model: nn.Module, example: torch.Tensor, target: Target, before: Counts, cut: Cut,
+def _search_ratio(model: nn.Module, example: torch.Tensor, target: PruneTarget, before: Counts, cut: Cut,
                   round_to: int | None) -> _Candidate | None:
     """Bisect the channel ratio for the smallest one that removes target's fractions of the MACs
     and of the parameters (before: the model's counts).

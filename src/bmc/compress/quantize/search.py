@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc.artifact import sha256_file, write_sidecar_sha256
-from bmc.compress.compare import Contender, Runtime, Settings, compare
+from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.quantize.calibration import Calibration, prepare
 from bmc.compress.quantize.config import QuantizeConfig
 from bmc.compress.quantize.recipes import QuantRecipe, candidate_recipes, plain_recipes, quantize_with_recipe
 from bmc.compress.quantize.sensitivity import sensitive_nodes
 from bmc.errors import BmcError
+from bmc.runtime.target import Target
 
 log = logging.getLogger("bmc")
 
@@ -47,7 +48,7 @@ class Candidate:
     accuracy_drop_points: float | None
     speedup: dict[int, float]  # batch size -> fp32 latency / this latency
     latency_ms: dict[int, float]
-    runtime: Runtime = field(default_factory=Runtime)
+    target: Target = field(default_factory=Target)  # the runtime it was measured on
     accepted: bool = False
     reason: str = ""
 
@@ -192,10 +193,10 @@ def quantize_like(model_path: Path, target: Path, recipe_name: str, config: Quan
 
 def _measure(reference: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):
     """fp32 and every labelled int8 file measured in one run: (the judged candidates, fp32's measurement)."""
-    runtime = Runtime(device="cpu", threads=config.threads)
+    measured_on = Target(device="cpu", threads=config.threads)
     comparison = compare(
-        Contender(reference, "fp32", runtime),
-        [Contender(path, label, runtime) for label, path in labelled],
+        Contender(reference, "fp32", measured_on),
+        [Contender(path, label, measured_on) for label, path in labelled],
         settings=Settings(config.batch_sizes, config.seconds_per_timing, data_name if config.measure_accuracy else None, config.calib_data_dir),
     )
     candidates = []
@@ -209,7 +210,7 @@ def _measure(reference: Path, labelled: list[tuple[str, Path]], config: Quantize
             accuracy_drop_points=round(drop, 4) if drop is not None else None,
             speedup={b: round(s, 3) for b, s in comparison.speedup(measured).items()},
             latency_ms={b: round(ms, 4) for b, ms in measured.latency_ms.items()},
-            runtime=measured.contender.runtime,
+            target=measured.contender.target,
         )
         candidate.accepted, candidate.reason = judge(candidate, config)
         candidates.append(candidate)
