@@ -273,6 +273,35 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_and_never
     assert integrity.read_verified_model(out / "model.onnx").digest == read_manifest(out / "model.onnx").model_sha256
 
 
+def test_an_export_into_a_folder_another_export_is_writing_waits_instead_of_removing_its_staging(workdir):
+    import select
+
+    out = workdir / "shared"
+    command = [sys.executable, "-m", "bmc", "export", "--model", "resnet20", "--input-size", "32", "--num-classes", "10", "-o", str(out / "model.onnx")]
+    first = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        while not (out.is_dir() and list(out.glob(".bmc-export-*"))):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.002)
+        first.send_signal(signal.SIGSTOP)  # held inside its staging folder until the second export is waiting
+        second = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([second.stderr], [], [], 120)
+        assert ready, "the second export neither waited nor failed within 120 s"
+        line = second.stderr.readline()
+        assert line.startswith("info: waiting for another bmc export writing into"), line + second.stderr.read()
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(300) == 0, first.stderr.read()
+        assert second.wait(300) == 0, second.stderr.read()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+                process.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.sha256"]
+
+
 # --- bmc.json against its schema ---------------------------------------------------------------------
 
 

@@ -95,6 +95,7 @@ def parse_manifest(text: str, model_name: str, source: str) -> Manifest:
         if match is None:
             raise IntegrityError(f"{source}: line {number} is not a sha256 line ({expected})")
         digest, name = match.group(1).lower(), match.group(2)
+        name = name[2:] if name.startswith("./") else name  # `sha256sum ./model.onnx` names it so
         if name in entries:
             raise IntegrityError(f"{source}: {name!r} is listed twice")
         entries[name] = digest

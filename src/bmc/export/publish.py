@@ -55,9 +55,12 @@ def _folder_lock(parent: Path) -> Iterator[bool]:
     try:
         fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
+        fd = None
+    if fd is None:
         yield False
         return
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,9 +69,8 @@ def _folder_lock(parent: Path) -> Iterator[bool]:
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            yield False
-            return
-        yield True
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

@@ -177,7 +177,7 @@ def open_model_bytes(held: ModelBytes) -> ModelFile:
 
     path = Path(held.path)
     try:
-        proto = onnx.load_model_from_string(bytes(held.model) if not isinstance(held.model, bytes) else held.model)
+        proto = onnx.load_model_from_string(held.model)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ModelFileError(f"{path}: not an ONNX model, or a truncated one ({_first_line(exc)})") from None
     try:
