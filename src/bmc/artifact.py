@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bmc.errors import CheckpointError
+from bmc.meta_schema import SchemaError, validate_meta
 
 RUN_META = "bmc.json"
 WEIGHTS = "model.safetensors"
@@ -126,16 +127,33 @@ def read_meta(run_dir: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt JSON ({exc})") from None
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise CheckpointError(f"{path}: not a bmc run description (no format_version)")
-    if meta["format_version"] > META_FORMAT_VERSION:
+    version = meta["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: field format_version: must be a positive integer; got {version!r}")
+    if version > META_FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format_version {meta['format_version']} is newer than this bmc understands "
+            f"{path}: format_version {version} is newer than this bmc understands "
             f"({META_FORMAT_VERSION}); upgrade bmc"
         )
-    # Every command reads these; one missing is a broken file, said here rather than as a KeyError deep in a stage.
-    missing = [name for name in ("model", "weights", "data", "config") if not isinstance(meta.get(name), dict)]
-    if missing:
-        raise CheckpointError(f"{path}: missing or malformed field(s) {', '.join(missing)}; not a complete bmc run description")
+    # Every command reads these; one wrong is a broken or hand-edited file, said here with the field
+    # rather than as a TypeError deep in a stage, or as a weights file read from outside the run.
+    try:
+        validate_meta(meta)
+    except SchemaError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return meta
+
+
+def run_file_path(run_dir: Path, name: str) -> Path:
+    """RUN_DIR/name, refused unless it is a regular file that resolves inside the run directory (no symlink out)."""
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    label = f"{run_dir / RUN_META}: field weights.file"
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise CheckpointError(f"{label}: {name!r} resolves outside the run directory ({path.resolve()})")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    return path
 
 
 def resolve_run_dir(run_dir: Path | None) -> Path:

@@ -22,6 +22,7 @@ from bmc.artifact import (
     atomic_write_json,
     load_tensors,
     read_meta,
+    run_file_path,
     save_tensors,
 )
 from bmc.errors import CheckpointError
@@ -147,23 +148,21 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     from bmc.models import create_model
 
     run_dir = Path(run_dir)
-    meta = read_meta(run_dir)
-    try:
-        model_meta = meta["model"]
-        weights = meta["weights"]
-        model = create_model(
-            model_meta["name"], tuple(model_meta["data_input_shape"]), model_meta["num_classes"], check=False, **model_meta["args"]
-        )
-    except KeyError as exc:
-        raise CheckpointError(f"{run_dir / RUN_META}: missing field {exc}") from None
-    state = load_tensors(run_dir / weights["file"], expected_sha256=weights["sha256"])
+    meta = read_meta(run_dir)  # checked against its schema: types, bounds, a hash, a file inside the run
+    model_meta = meta["model"]
+    weights = meta["weights"]
+    weights_path = run_file_path(run_dir, weights["file"])
+    model = create_model(
+        model_meta["name"], tuple(model_meta["data_input_shape"]), model_meta["num_classes"], check=False, **model_meta["args"]
+    )
+    state = load_tensors(weights_path, expected_sha256=weights["sha256"])
     if model_meta.get("dropped_blocks"):
         from bmc.models.blocks import drop_blocks
 
         drop_blocks(model, [tuple(block) for block in model_meta["dropped_blocks"]])
     if model_meta.get("pruned"):
         shrink_to_state(model, state)
-    load_state_into(model, state, run_dir / weights["file"])
+    load_state_into(model, state, weights_path)
     return model.eval(), meta
 
 

@@ -2,7 +2,9 @@
 
 A sha256 sidecar catches a corrupted or swapped file only if the sidecar itself is trusted; a
 signature by a key the server was given catches a file replaced together with its sidecar. The
-signed message is the file's sha256 digest with a fixed prefix, so a large model is read once.
+signed message is the model's digest (bmc.manifest) with a fixed prefix: the file's sha256 for a
+one-file model, as signatures always were, and its manifest's, under another prefix, for a model
+with external data, so every file it consists of is signed and a large model is read once.
 Uses the `cryptography` package (part of every bmc install); no torch.
 """
 
@@ -11,10 +13,13 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from bmc.artifact import atomic_write_bytes, sha256_file
+from bmc.artifact import atomic_write_bytes
 from bmc.errors import BmcError, UsageError
+from bmc.manifest import Manifest, manifest_of_files, manifest_path, read_manifest, write_manifest
 
 SIGNED_PREFIX = b"bmc-model-sha256:"
+# A different prefix for manifests: a signed file digest can never be replayed as a manifest's.
+SIGNED_MANIFEST_PREFIX = b"bmc-model-manifest-sha256:"
 PRIVATE_KEY_MODE = 0o600
 
 
@@ -69,20 +74,41 @@ def _load_key(path: Path, private: bool):
     return key
 
 
+def signed_message(manifest: Manifest) -> bytes:
+    """What a signature signs: the model's digest under the prefix of its kind."""
+    prefix = SIGNED_MANIFEST_PREFIX if manifest.data else SIGNED_PREFIX
+    return prefix + bytes.fromhex(manifest.digest)
+
+
 def sign_model(model_path: Path, private_key_path: Path) -> Path:
-    """Sign the model file's sha256; writes MODEL.onnx.sig (base64, one line) and returns its path."""
+    """Sign every file of the model (its manifest); writes MODEL.onnx.sig (base64, one line) and returns its path.
+
+    The manifest is made from the files as they are; a sidecar MODEL.onnx.sha256 that says otherwise
+    is refused rather than signed over, and a missing one is written, since serve needs it to check
+    the data files.
+    """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UsageError(f"{model_path}: no such file")
     key = _load_key(private_key_path, private=True)
-    signature = key.sign(SIGNED_PREFIX + bytes.fromhex(sha256_file(model_path)))
+    manifest = manifest_of_files(model_path)
+    sidecar = manifest_path(model_path)
+    if sidecar.is_file():
+        if read_manifest(model_path) != manifest:
+            raise SignatureError(
+                f"{sidecar}: does not match the model's files as they are now; refusing to sign "
+                "(export again, or delete the sidecar to sign the files as they are)"
+            )
+    else:
+        write_manifest(model_path, manifest)
     path = signature_path(model_path)
-    atomic_write_bytes(path, base64.b64encode(signature) + b"\n")
+    atomic_write_bytes(path, base64.b64encode(key.sign(signed_message(manifest))) + b"\n")
     return path
 
 
-def verify_model_signature(model_path: Path, public_key_path: Path) -> None:
-    """SignatureError naming the file unless MODEL.onnx.sig is the public key's signature of the file as it is now."""
+def verify_manifest_signature(model_path: Path, manifest: Manifest, public_key_path: Path) -> None:
+    """SignatureError naming the file unless MODEL.onnx.sig is the public key's signature of this
+    manifest, whose files the caller has checked against the bytes it holds."""
     _, _, invalid = _crypto()
     model_path = Path(model_path)
     key = _load_key(public_key_path, private=False)
@@ -94,9 +120,15 @@ def verify_model_signature(model_path: Path, public_key_path: Path) -> None:
     except (ValueError, OSError):
         raise SignatureError(f"{path}: not a bmc signature (base64 of 64 bytes)") from None
     try:
-        key.verify(signature, SIGNED_PREFIX + bytes.fromhex(sha256_file(model_path)))
+        key.verify(signature, signed_message(manifest))
     except invalid:
+        covered = "this file" if not manifest.data else f"this file and its {len(manifest.data)} data file(s)"
         raise SignatureError(
-            f"{model_path}: the signature does not match this file and {Path(public_key_path).name}; "
+            f"{model_path}: the signature does not match {covered} and {Path(public_key_path).name}; "
             "the file was modified or signed by another key, refusing to serve it"
         ) from None
+
+
+def verify_model_signature(model_path: Path, public_key_path: Path) -> None:
+    """SignatureError naming the file unless MODEL.onnx.sig signs the model's files as they are now."""
+    verify_manifest_signature(model_path, manifest_of_files(model_path), public_key_path)

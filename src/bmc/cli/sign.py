@@ -9,7 +9,7 @@ import typer
 
 
 def sign_command(
-    models: Optional[List[Path]] = typer.Argument(None, metavar="MODEL.onnx...", help="Files to sign; each gets MODEL.onnx.sig."),
+    models: Optional[List[Path]] = typer.Argument(None, metavar="MODEL.onnx...", help="Models to sign; each gets MODEL.onnx.sig, covering every file of the model (its manifest MODEL.onnx.sha256, written if missing)."),
     key: Optional[Path] = typer.Option(None, "--key", help="Ed25519 private key (PEM) to sign with."),
     new_key: Optional[Path] = typer.Option(None, "--new-key", help="Create a key pair: this private key (mode 0600) and PATH.pub."),
 ) -> None:

@@ -6,7 +6,7 @@ does not import torch; export() does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc.errors import BmcError, UsageError
@@ -52,6 +52,7 @@ class ExportConfig:
     fp16: bool = False
     atol: float | None = None  # default: FP32_ATOL, or FP16_ATOL with fp16
     verify_samples: int = 64
+    encrypt_key_file: Path | None = None  # AES-256 key: write one encrypted file (bmc.sealed) instead of plaintext ONNX
 
     @property
     def tolerance(self) -> float:
@@ -74,6 +75,8 @@ class ExportConfig:
             raise UsageError(f"verify_samples must be in [1, 4096]; got {self.verify_samples}")
         if self.checkpoint is not None and self.model is None:
             raise UsageError("--checkpoint needs --model (to export a run with its own architecture, give RUN_DIR)")
+        if self.encrypt_key_file is not None and self.format == "triton":
+            raise UsageError("--encrypt-key-file writes a bmc encrypted model, which Triton cannot load; use --format onnx")
 
 
 @dataclass
@@ -81,18 +84,22 @@ class ExportResult:
     """An exported, verified model file."""
 
     path: Path
-    sha256: str
-    size_bytes: int
+    sha256: str  # the model's digest (bmc serve --sha256): the file's own, or its manifest's with data files
+    size_bytes: int  # every file of the model
     max_abs_diff: float
     top1_agreement: float | None
     atol: float
     verified_on: str
     opset: int
+    encrypted: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256 of each file, as MODEL.onnx.sha256 lists them
 
     def summary(self) -> dict:
         return {
             "path": str(self.path),
             "sha256": self.sha256,
+            "files": self.files,
+            "encrypted": self.encrypted,
             "size_bytes": self.size_bytes,
             "max_abs_diff": self.max_abs_diff,
             "top1_agreement": self.top1_agreement,

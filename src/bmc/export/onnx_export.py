@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -14,9 +11,11 @@ import numpy as np
 import torch
 
 from bmc import __version__
-from bmc.artifact import resolve_run_dir, sha256_file, write_sidecar_sha256
+from bmc.artifact import resolve_run_dir
 from bmc.export import ExportConfig, ExportError, ExportResult, ParityError
+from bmc.export.publish import publish, staging_folder
 from bmc.runtime.metadata import ModelMetadata
+from bmc.sealed import load_key
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -26,6 +25,8 @@ VERIFY_BATCH = 32
 
 
 def export_model(config: ExportConfig) -> ExportResult:
+    # A bad key file fails before minutes of export, not after.
+    encrypt_key = load_key(config.encrypt_key_file) if config.encrypt_key_file is not None else None
     model, metadata, inputs, verified_on, default_dir = _source(config)
     if config.format == "triton":
         name = (config.out.name if config.out else None) or _triton_name(metadata, default_dir)
@@ -37,8 +38,7 @@ def export_model(config: ExportConfig) -> ExportResult:
             target = target / "model.onnx"  # --out DIR: the file goes inside it, as its default name
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    staging = Path(tempfile.mkdtemp(prefix=".bmc-export-", dir=target.parent))
-    try:
+    with staging_folder(target.parent) as staging:
         staged = staging / target.name
         exported = copy.deepcopy(model).half() if config.fp16 else model
         torch_to_onnx(exported, inputs[:1].to(next(exported.parameters()).dtype), staged, config.opset, config.dynamic_batch)
@@ -50,25 +50,20 @@ def export_model(config: ExportConfig) -> ExportResult:
         max_abs_diff, agreement = _parity(model, inputs, staged, VERIFY_BATCH if config.dynamic_batch else 1)
         if not max_abs_diff <= config.tolerance:  # also catches NaN
             raise ParityError(target, max_abs_diff, config.tolerance, agreement)
-        # External data first, the model file last: a reader never sees a model without its weights.
-        for extra in sorted(p for p in staging.iterdir() if p.name != target.name):
-            os.replace(extra, target.parent / extra.name)
-        os.replace(staged, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    digest = sha256_file(target)
-    write_sidecar_sha256(target, digest)
+        manifest = publish(staged, target, encrypt_key)
     if config.format == "triton":
         _write_triton_config(target.parent.parent, metadata, inputs.shape[1:], config)
     return ExportResult(
         path=target,
-        sha256=digest,
-        size_bytes=_total_size(target),
+        sha256=manifest.digest,
+        size_bytes=sum((target.parent / name).stat().st_size for name, _ in manifest.entries),
         max_abs_diff=max_abs_diff,
         top1_agreement=agreement,
         atol=config.tolerance,
         verified_on=verified_on,
         opset=config.opset,
+        encrypted=encrypt_key is not None,
+        files=dict(manifest.entries),
     )
 
 
@@ -97,7 +92,7 @@ def _source(config: ExportConfig):
             normalization=data["normalization"],
             source_sha256=meta["weights"]["sha256"],
         )
-        inputs, verified_on = _real_inputs(meta, config.verify_samples)
+        inputs, verified_on = _real_inputs(meta, config.verify_samples, run_dir)
         return model, metadata, inputs, verified_on, run_dir
 
     shape = (config.input_channels, config.input_size, config.input_size)
@@ -118,13 +113,18 @@ def _source(config: ExportConfig):
     return model, metadata, inputs, f"{samples} random normal inputs", Path(".")
 
 
-def _real_inputs(meta: dict, count: int) -> tuple[torch.Tensor, str]:
+def _real_inputs(meta: dict, count: int, run_dir: Path) -> tuple[torch.Tensor, str]:
     """The first `count` test samples of the run's data set, preprocessed exactly as in training."""
+    from bmc.artifact import RUN_META
     from bmc.data import DataConfig, Normalization, load_dataset
+    from bmc.errors import CheckpointError, UsageError
     from bmc.train.augment import Normalizer
     from bmc.train.config import TrainConfig
 
-    data_config: DataConfig = TrainConfig.from_dict(meta["config"]).data
+    try:
+        data_config: DataConfig = TrainConfig.from_dict(meta["config"]).data
+    except UsageError as exc:  # types are checked on read; TrainConfig checks the ranges
+        raise CheckpointError(f"{run_dir / RUN_META}: field config: {exc}") from None
     dataset = load_dataset(data_config)
     norm = meta["data"]["normalization"]
     model_shape = tuple(meta["model"]["input_shape"])
@@ -226,11 +226,6 @@ def _parity(model: torch.nn.Module, inputs: torch.Tensor, path: Path, batch_size
                 agree += int((actual.argmax(1) == expected.argmax(1)).sum())
                 total += len(expected)
     return max_abs_diff, (agree / total if total else None)
-
-
-def _total_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _triton_name(metadata: ModelMetadata, default_dir: Path) -> str:

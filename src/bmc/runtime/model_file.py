@@ -4,7 +4,8 @@ onnxruntime follows a tensor's external-data `location` wherever it points. A fi
 could name `../../etc/shadow`, an absolute path or a symlink and make the runtime read it (the onnx
 CVE-2022-25882 / CVE-2024-27318 family), so every location is checked here, before any file is
 handed to onnxruntime: relative, no `..`, no symlink on the way, inside the model's folder, and
-offset + length within the data file.
+offset + length within the data file. `open_model_bytes` makes the same checks on a model already
+read into memory (and verified), against the bytes held rather than the files on disk.
 """
 
 from __future__ import annotations
@@ -73,11 +74,16 @@ class ExternalTensor:
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A parsed, checked ONNX file. `proto` holds no external data; `external` says where it is."""
+    """A parsed, checked ONNX file. `proto` holds no external data; `external` says where it is.
+
+    `held`: for a model checked in memory (open_model_bytes), the bytes a runtime builds its session
+    from, external data keyed by the locations exactly as the model names them.
+    """
 
     path: Path
     proto: object  # onnx.ModelProto (typed loosely so this module imports onnx lazily)
     external: tuple[ExternalTensor, ...]
+    held: "ModelBytes | None" = None
 
     @property
     def data_files(self) -> tuple[Path, ...]:
@@ -87,6 +93,8 @@ class ModelFile:
     @property
     def size_bytes(self) -> int:
         """The model file plus its external data files."""
+        if self.held is not None:
+            return self.held.size_bytes
         return self.path.stat().st_size + sum(p.stat().st_size for p in self.data_files)
 
     @property
@@ -115,21 +123,32 @@ class ModelBytes:
 
     path: Path  # where the bytes were read from: for messages only
     model: bytes
-    external_data: dict[str, bytes]  # location as the model names it -> that file's bytes
+    # location as the model names it -> that file's bytes (a bytearray where it was decrypted in place)
+    external_data: dict[str, bytes | bytearray]
 
     def __str__(self) -> str:
         return str(self.path)
+
+    @property
+    def size_bytes(self) -> int:
+        """The model's bytes plus each distinct data file's."""
+        distinct = {id(data): len(data) for data in self.external_data.values()}
+        return len(self.model) + sum(distinct.values())
 
 
 def open_model(path: Path | str) -> ModelFile:
     """Parse and check an ONNX file; any problem is a one-line ModelFileError naming the file."""
     import onnx
 
+    from bmc.sealed import is_sealed_file, sealed_message
+
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
     if not path.is_file():
         raise ModelFileError(f"{path}: not a file")
+    if is_sealed_file(path):
+        raise ModelFileError(sealed_message(path))
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except OSError as exc:
@@ -145,6 +164,56 @@ def open_model(path: Path | str) -> ModelFile:
     except Exception as exc:  # a mangled message can break the inspection itself; still one line
         raise ModelFileError(f"{path}: malformed ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
     return ModelFile(path=path, proto=proto, external=external)
+
+
+def open_model_bytes(held: ModelBytes) -> ModelFile:
+    """Parse and check a model already in memory, as open_model checks a file, without reading the disk.
+
+    held.external_data may key each data file by its normalized location (as a manifest lists it:
+    `model.onnx.data`, not `./model.onnx.data`); every location the model names must find its bytes
+    there and every file held must be used. The ModelFile's `held` keys them as the model names them.
+    """
+    import onnx
+
+    path = Path(held.path)
+    try:
+        proto = onnx.load_model_from_string(held.model)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelFileError(f"{path}: not an ONNX model, or a truncated one ({_first_line(exc)})") from None
+    try:
+        _check_structure(path, proto)
+        external, by_location = _held_external_tensors(path, proto, held.external_data)
+        _run_checker_on_bytes(path, proto, held.model, bool(external))
+    except BmcError:
+        raise
+    except Exception as exc:  # a mangled message can break the inspection itself; still one line
+        raise ModelFileError(f"{path}: malformed ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    return ModelFile(path=path, proto=proto, external=external, held=ModelBytes(path, held.model, by_location))
+
+
+def normalized_location(label: str, location: str) -> str:
+    """An external data location as a plain relative name (`a/b.data`); ModelFileError if it could leave the folder."""
+    shown = f"external data location {location!r}"
+    if not location:
+        raise ModelFileError(f"{label} is stored externally but names no location")
+    if "\x00" in location:
+        raise ModelFileError(f"{label}: {shown} contains a NUL byte")
+    # Windows separators and drive letters count too: the same file may be read on another system.
+    parts = location.replace("\\", "/").split("/")
+    if location.startswith(("/", "\\")) or os.path.isabs(location) or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        raise ModelFileError(f"{label}: {shown} is an absolute path; it must be a file next to the model")
+    if ".." in parts:
+        raise ModelFileError(f"{label}: {shown} points outside the model's folder ('..')")
+    steps = [p for p in parts if p not in ("", ".")]
+    if not steps:
+        raise ModelFileError(f"{label}: {shown} names no file")
+    return "/".join(steps)
+
+
+def data_file_path(model_path: Path, location: str) -> Path:
+    """The file a data location names next to the model, refused if it is missing or could leave the folder."""
+    model_path = Path(model_path)
+    return _safe_data_path(f"{model_path}", location, model_path.parent, model_path.parent.resolve())
 
 
 def iter_tensors(proto) -> Iterator[tuple[object, str]]:
@@ -257,15 +326,7 @@ def _checked_external_tensors(path: Path, proto) -> Iterator[ExternalTensor]:
 def _safe_data_path(label: str, location: str, model_dir: Path, real_model_dir: Path) -> Path:
     """The data file for `location`, or an error if reading it could leave the model's folder."""
     shown = f"external data location {location!r}"
-    if "\x00" in location:
-        raise ModelFileError(f"{label}: {shown} contains a NUL byte")
-    # Windows separators and drive letters count too: the same file may be read on another system.
-    parts = location.replace("\\", "/").split("/")
-    if location.startswith(("/", "\\")) or os.path.isabs(location) or (len(parts[0]) == 2 and parts[0][1] == ":"):
-        raise ModelFileError(f"{label}: {shown} is an absolute path; it must be a file next to the model")
-    if ".." in parts:
-        raise ModelFileError(f"{label}: {shown} points outside the model's folder ('..')")
-    steps = [p for p in parts if p not in ("", ".")]
+    steps = normalized_location(label, location).split("/")
     current = model_dir
     for index, part in enumerate(steps):
         current = current / part
@@ -277,6 +338,75 @@ def _safe_data_path(label: str, location: str, model_dir: Path, real_model_dir: 
     if not current.resolve().is_relative_to(real_model_dir):
         raise ModelFileError(f"{label}: {shown} resolves outside the model's folder")
     return current
+
+
+def _held_external_tensors(path: Path, proto, files: dict) -> tuple[tuple[ExternalTensor, ...], dict]:
+    """The external tensors checked against the bytes held, and those bytes keyed as the model names them."""
+    external: list[ExternalTensor] = []
+    by_location: dict = {}
+    used: set[str] = set()
+    for tensor, _where in iter_tensors(proto):
+        if tensor.data_location != EXTERNAL:
+            continue
+        fields = {entry.key: entry.value for entry in tensor.external_data}
+        label = f"{path}: tensor {tensor.name!r}"
+        location = fields.get("location", "")
+        name = normalized_location(label, location)
+        key = location if location in files else name
+        if key not in files:
+            held = ", ".join(repr(k) for k in files) or "none"
+            raise ModelFileError(
+                f"{label}: external data {location!r} is not among the files read and verified with the model "
+                f"({held}); its manifest must list every file the model uses"
+            )
+        used.add(key)
+        by_location[location] = files[key]
+        size = len(files[key])
+        offset = _non_negative_int(label, "offset", fields.get("offset", "0"))
+        length = _non_negative_int(label, "length", fields["length"]) if "length" in fields else size - offset
+        if offset + length > size or length < 0:
+            raise ModelFileError(
+                f"{label}: external data {location!r} is {size} bytes, the tensor needs bytes "
+                f"{offset}..{offset + max(length, 0)} (truncated data file?)"
+            )
+        expected = expected_bytes(tensor)
+        if expected is not None and length != expected:
+            raise ModelFileError(f"{label}: external data length {length} bytes, its shape needs {expected}")
+        external.append(ExternalTensor(tensor.name, path.parent / name, offset, length))
+    unused = sorted(set(files) - used)
+    if unused:
+        raise ModelFileError(f"{path}: {unused[0]!r} was given as its data, but the model uses no such file")
+    return tuple(external), by_location
+
+
+def _run_checker_on_bytes(path: Path, proto, model: bytes, has_external: bool) -> None:
+    import onnx
+
+    if has_external:
+        # The checker looks for each external location on disk (relative to the working directory when
+        # given bytes); its bytes are held and already checked, so it sees inline placeholders instead.
+        proto = _with_inline_placeholders(proto)
+        model = proto.SerializeToString()
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise ModelFileError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+
+
+def _with_inline_placeholders(proto):
+    """A copy of a model whose weights all live externally (so the copy is small), each external tensor
+    turned into a one-element inline one: the checker sizes inline data against its dims, and the real
+    lengths were checked against the bytes held already."""
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    for tensor, _where in iter_tensors(copy):
+        if tensor.data_location == EXTERNAL:
+            del tensor.external_data[:]
+            del tensor.dims[:]
+            tensor.dims.append(1)
+            tensor.data_location = 0  # TensorProto.DEFAULT
+            tensor.raw_data = b"\0" * (expected_bytes(tensor) or 1)
+    return copy
 
 
 def _non_negative_int(label: str, key: str, value: str) -> int:

@@ -1,8 +1,9 @@
 """`bmc serve`: ONNX models over the Open Inference Protocol (KServe v2 REST), with dynamic batching.
 
 No torch here, directly or indirectly: the server runs on a box with onnxruntime and numpy only.
-`serve(ServeConfig(models=(Path("digits.onnx"),)))` checks each file's sha256, loads and warms it up,
-then serves until SIGTERM/SIGINT.
+`serve(ServeConfig(models=(Path("digits.onnx"),)))` reads each model's files once, checks their sha256
+(and signature, and decrypts them in memory when asked), builds the sessions from those bytes, warms
+them up, then serves until SIGTERM/SIGINT.
 
 Status codes, so clients can act on them:
   400  the request is malformed or does not fit the model (`{"error": ...}` names the problem)
@@ -52,6 +53,7 @@ class ServeConfig:
     reject_nonfinite: bool = False
     sha256: tuple[str, ...] = ()  # one per model, in order; default: each file's sidecar MODEL.onnx.sha256
     public_key: Path | None = None  # Ed25519: each model must carry MODEL.onnx.sig made with its private key
+    decrypt_key_file: Path | None = None  # AES-256 key: every model must be encrypted with it (bmc export --encrypt-key-file)
     threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
     providers: str = "cpu"
     exit_timeout_s: float = 30.0  # Triton's default grace period

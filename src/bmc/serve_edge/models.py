@@ -1,4 +1,5 @@
-"""Loading a model to serve: sha256 first, then bmc's ONNX safety checks, then onnxruntime, then a warm-up."""
+"""Loading a model to serve: its files read once and verified (integrity.py), bmc's ONNX checks on
+those bytes, then onnxruntime sessions built from the same bytes, then a warm-up."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bmc.runtime.model_file import open_model
 from bmc.runtime.sessions import SessionError, create_session, ort_message
 from bmc.runtime.metadata import ModelMetadata
 from bmc.serve_edge.codec import ORT_TO_V2, V2_TO_NUMPY, TensorSpec
-from bmc.serve_edge.integrity import verify_model_file
+from bmc.serve_edge.integrity import VerifiedModel, read_verified_model
 
 log = logging.getLogger("bmc.serve")
 
@@ -93,18 +93,28 @@ def serving_buckets(device: str, can_merge: bool, max_batch: int, model_bytes: i
 
 
 def load_model(
-    path: Path, name: str, expected_sha256: str | None, threads: int, device: str, max_batch: int = 1, buckets: tuple[int, ...] | None = None
+    path: Path | VerifiedModel,
+    name: str,
+    expected_sha256: str | None,
+    threads: int,
+    device: str,
+    max_batch: int = 1,
+    buckets: tuple[int, ...] | None = None,
 ) -> ServedModel:
     """Verify, open, load and warm up one model; a BmcError naming the file when any step fails.
 
+    path: a model file (read and verified here against expected_sha256 or its sidecar), or a model
+    already read and verified (read_verified_model), whose bytes are what every session is built from.
     buckets: the batch sizes to keep a session each for (default: serving_buckets for the device).
     """
-    digest = verify_model_file(path, expected_sha256)
-    model_file = open_model(path)  # no external data outside the model's folder, no malformed graph
+    verified = path if isinstance(path, VerifiedModel) else read_verified_model(path, expected_sha256)
+    path, held, digest = verified.path, verified.held, verified.digest
+    metadata = ModelMetadata.from_props(verified.metadata_props)
+    model_bytes = held.size_bytes
     # Each bucket's session sees one shape, but a request of more rows than --max-batch still
     # changes the largest bucket's shape: the heuristic choice makes that cost 46 ms, not 245.
     def open_session():
-        return create_session(path, device=device, threads=threads, conv_algo_search="HEURISTIC")
+        return create_session(held, device=device, threads=threads, conv_algo_search="HEURISTIC")
 
     opened = open_session()
     session = opened.session
@@ -114,9 +124,10 @@ def load_model(
     if unsupported:
         raise SessionError(f"{path}: {unsupported[0].name!r} is {unsupported[0].datatype}; bmc serve serves tensors of numbers or strings only")
     if buckets is None:
-        buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch, Path(path).stat().st_size)
+        buckets = serving_buckets(opened.device, _can_merge(inputs, outputs), max_batch, model_bytes)
     # The largest bucket's session also takes any other shape (a request of more rows than --max-batch).
     bucket_sessions = {size: open_session().session for size in buckets[:-1]} | ({buckets[-1]: session} if buckets else {})
+    del verified, held, open_session  # onnxruntime holds its own copy of the weights now
     model = ServedModel(
         name=name,
         path=Path(path),
@@ -125,7 +136,7 @@ def load_model(
         device=opened.device,
         inputs=inputs,
         outputs=outputs,
-        metadata=ModelMetadata.from_props(model_file.metadata_props),
+        metadata=metadata,
         bucket_sessions=bucket_sessions,
     )
     for batch in model.buckets or (1,):

@@ -22,24 +22,20 @@ def run_server(config: ServeConfig) -> int:
     import uvicorn
 
     from bmc.serve_edge.app import ServeApp
-    from bmc.serve_edge.integrity import verify_model_file
+    from bmc.serve_edge.integrity import read_verified_model
     from bmc.serve_edge.metrics import ServeMetrics
     from bmc.serve_edge.models import load_model
 
-    hashes = config.sha256 or (None,) * len(config.models)
-    # A tampered file must stop the server before it listens at all: check every digest first
-    # (loading checks again, so a file swapped in between is caught too).
-    for path, digest in zip(config.models, hashes):
-        verify_model_file(path, digest)
-        if config.public_key is not None:
-            from bmc.signing import verify_model_signature
-
-            verify_model_signature(path, config.public_key)
+    # Every model's files are read once and verified (sha256 manifest, signature, decryption, ONNX
+    # checks) before the server listens: a tampered file stops it at once. Loading builds the
+    # sessions from these same bytes, so a file swapped after this point is never what runs.
+    verified = _read_verified_models(config, read_verified_model)
 
     def load_models() -> dict:
+        # Each model's bytes are let go once its sessions hold the weights.
         return {
-            name: load_model(path, name, digest, config.intra_op_threads, config.providers, config.max_batch)
-            for path, name, digest in zip(config.models, config.model_names, hashes)
+            name: load_model(verified.pop(name), name, None, config.intra_op_threads, config.providers, config.max_batch)
+            for name in config.model_names
         }
 
     app = ServeApp(load_models, config, ServeMetrics(config.model_names))
@@ -73,6 +69,20 @@ def run_server(config: ServeConfig) -> int:
     if app.load_error is not None:
         raise app.load_error
     return 0
+
+
+def _read_verified_models(config: ServeConfig, read_verified_model) -> dict:
+    """name -> the model read into memory and verified, in the order given."""
+    hashes = config.sha256 or (None,) * len(config.models)
+    decrypt_key = None
+    if config.decrypt_key_file is not None:
+        from bmc.sealed import load_key
+
+        decrypt_key = load_key(config.decrypt_key_file)
+    return {
+        name: read_verified_model(path, digest, config.public_key, decrypt_key)
+        for path, name, digest in zip(config.models, config.model_names, hashes)
+    }
 
 
 def _draining_server(uvicorn_config, app):
