@@ -10,7 +10,7 @@ import typer
 
 def serve_command(
     models: List[Path] = typer.Argument(..., metavar="MODEL.onnx...", help="ONNX files to serve; each is named after its file's stem."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only; elsewhere, use --tls-cert or --auth-token-file)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     names: Optional[List[str]] = typer.Option(None, "--name", help="Model name, once per model in order (default: the file's stem)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Most rows merged into one onnxruntime run (1: no batching)."),
@@ -25,6 +25,26 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads per model (default: cores - 1)."),
     providers: str = typer.Option("cpu", "--providers", help="onnxruntime execution providers: cpu, cuda or auto."),
     exit_timeout: float = typer.Option(30.0, "--exit-timeout", help="Seconds to finish in-flight requests after SIGTERM."),
+    max_connections: int = typer.Option(
+        1024, "--max-connections",
+        help="Open connections at most (lowered to what ulimit -n leaves). One more closes the connection waiting longest "
+             "without a request in progress; if every one has a request in progress, it gets 503.",
+    ),
+    max_header_bytes: int = typer.Option(16 * 1024, "--max-header-bytes", help="Request line and headers at most; more gets 431 (a URL over 8 KiB 414)."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a connection has to send a request's headers (408, then close)."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds after the headers for the whole body to arrive (408, then close)."),
+    max_request_rows: Optional[int] = typer.Option(None, "--max-request-rows", help="Rows one infer request may hold; more gets 400 (default: --max-batch)."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this PEM certificate (chain) ..."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="... and this PEM private key."),
+    tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="Mutual TLS: clients must present a certificate signed by this PEM CA."),
+    auth_token_file: Optional[Path] = typer.Option(
+        None, "--auth-token-file", help="Every route but /v2/health/live and /ready needs `Authorization: Bearer <the file's token>` (401 otherwise)."
+    ),
+    allow_hosts: Optional[List[str]] = typer.Option(
+        None, "--allow-host",
+        help="Also answer requests whose Host or Origin is this name (repeatable; '*': any Host). Default: the bound host, "
+             "localhost, 127.0.0.1, ::1 (and any IP address when bound to 0.0.0.0 or ::).",
+    ),
 ) -> None:
     """Serve ONNX models over the Open Inference Protocol (KServe v2 REST), with dynamic batching."""
     from bmc.serve_edge import ServeConfig, serve
@@ -46,6 +66,16 @@ def serve_command(
         threads=threads,
         providers=providers,
         exit_timeout_s=exit_timeout,
+        max_connections=max_connections,
+        max_header_bytes=max_header_bytes,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_request_rows=max_request_rows,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token_file=auth_token_file,
+        allow_hosts=tuple(allow_hosts or ()),
     )
     raise typer.Exit(serve(config))
 

@@ -6,11 +6,18 @@ No torch here, directly or indirectly: the server runs on a box with onnxruntime
 them up, then serves until SIGTERM/SIGINT.
 
 Status codes, so clients can act on them:
-  400  the request is malformed or does not fit the model (`{"error": ...}` names the problem)
+  400  the request is malformed or does not fit the model (`{"error": ...}` names the problem),
+       or holds more rows than --max-request-rows
+  401  --auth-token-file is set and the request has no valid `Authorization: Bearer` (not live/ready)
+  403  Host or Origin names none of the names the server answers to (see access.py, --allow-host)
   404  unknown route or model          405  known route, wrong method (Allow says which)
+  408  headers or body not received within --header-timeout / --body-timeout (then the connection closes)
   413  body larger than --max-body-bytes (refused before the body is read; a gzip/deflate body once it inflates past it)
-  415  a Content-Encoding other than gzip, deflate or identity
-  503  the queue is full, or the server is shutting down: retry later (Retry-After: 1)
+  414 / 431  URL, request line and headers larger than the limits (http1.py), or too many header fields
+  415  a Content-Encoding other than gzip, deflate or identity; infer with a Content-Type other than
+       JSON or application/octet-stream
+  503  the queue is full, the server is shutting down, or it holds --max-connections connections
+       that all have a request in progress: retry later (Retry-After: 1)
   504  the request's --timeout-ms passed before its result was ready (queued or running)
 """
 
@@ -57,11 +64,24 @@ class ServeConfig:
     threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
     providers: str = "cpu"
     exit_timeout_s: float = 30.0  # Triton's default grace period
+    # One client must not hurt the others (http1.py): connections, header size, read deadlines, rows.
+    max_connections: int = 1024  # lowered to what the descriptor limit (ulimit -n) leaves
+    max_header_bytes: int = 16 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_request_rows: int | None = None  # rows per infer request; None: max_batch (Triton's max_batch_size)
+    # Who may talk to it (access.py).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # clients must present a certificate this CA signed (mutual TLS)
+    auth_token_file: Path | None = None
+    allow_hosts: tuple[str, ...] = ()  # more Host/Origin names to answer to; "*": any Host
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(Path(m) for m in self.models))
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "sha256", tuple(s.strip().lower() for s in self.sha256))
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
         if not self.models:
             raise UsageError("give at least one ONNX file to serve")
         if self.names and len(self.names) != len(self.models):
@@ -87,10 +107,28 @@ class ServeConfig:
             _check_range("threads", self.threads, 1, 1024)
         if self.providers not in PROVIDER_CHOICES:
             raise UsageError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {self.providers!r}")
+        _check_range("max_connections", self.max_connections, 1, 1_000_000)
+        _check_range("max_header_bytes", self.max_header_bytes, 1024, 1 << 20)
+        _check_range("header_timeout_s", self.header_timeout_s, 0.01, 3600)
+        _check_range("body_timeout_s", self.body_timeout_s, 0.01, 3600)
+        if self.max_request_rows is not None:
+            _check_range("max_request_rows", self.max_request_rows, 1, 1 << 24)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UsageError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (clients check the server first)")
+        for name in self.allow_hosts:
+            if not name or any(c in name for c in " /@,\t"):
+                raise UsageError(f"--allow-host takes a host name or address (or '*'); got {name!r}")
 
     @property
     def model_names(self) -> tuple[str, ...]:
         return self.names or tuple(path.stem for path in self.models)
+
+    @property
+    def request_rows(self) -> int:
+        """Most rows one infer request may hold."""
+        return self.max_request_rows if self.max_request_rows is not None else self.max_batch
 
     @property
     def intra_op_threads(self) -> int:

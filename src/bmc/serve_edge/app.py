@@ -2,7 +2,10 @@
 
 A raw ASGI app rather than a framework: per request it does one split of the path, one pass over
 the headers and nothing else, which keeps small-model serving within a few percent of a bare server.
-Payloads are never logged; only the route, status and timing reach the metrics.
+Routes are matched on the raw path, as sent: `/v2/models/a%2finfer` names a model "a%2finfer", never
+the infer route of model "a". Every request passes access.Admission (Host, Origin, token, content
+type) before its route is looked at. Payloads are never logged; only the route, status and timing
+reach the metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import orjson
@@ -17,6 +21,7 @@ import orjson
 from bmc import __version__
 from bmc.errors import BmcError
 from bmc.serve_edge import ServeConfig
+from bmc.serve_edge.access import Admission
 from bmc.serve_edge.batcher import DeadlineExceeded, DynamicBatcher, InferenceFailed, QueueFullError, ShuttingDown
 from bmc.serve_edge.codec import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
 from bmc.serve_edge.metrics import CLIENT_CLOSED, ServeMetrics
@@ -30,6 +35,11 @@ GET = ("GET",)
 POST = ("POST",)
 RETRY_AFTER_S = b"1"
 MODEL_VERSION = "1"
+# Bodies larger than this are decoded on a decode thread, not on the event loop (a 64 MiB JSON
+# body takes about a second to parse); images always are.
+OFF_LOOP_BODY_BYTES = 256 * 1024
+# Decodes at once: each large body or image may take hundreds of MB while it is decoded.
+DECODE_THREADS = 2
 
 
 class ServeApp:
@@ -40,8 +50,12 @@ class ServeApp:
     `draining` turns ready off and refuses new work.
     """
 
-    def __init__(self, load_models: Callable[[], dict[str, ServedModel]], config: ServeConfig, metrics: ServeMetrics):
+    def __init__(
+        self, load_models: Callable[[], dict[str, ServedModel]], config: ServeConfig, metrics: ServeMetrics,
+        admission: Admission | None = None,
+    ):
         self.names = tuple(config.model_names)
+        self.admission = admission or Admission.for_server(config.host, config.allow_hosts)
         self.models: dict[str, ServedModel] = {}  # filled once every model has loaded
         self.config = config
         self.metrics = metrics
@@ -54,6 +68,7 @@ class ServeApp:
         self._load_models = load_models
         self._loading: asyncio.Task | None = None
         self._timeout_s = config.timeout_ms / 1000.0
+        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="bmc-decode")
 
     @property
     def ready(self) -> bool:
@@ -105,6 +120,7 @@ class ServeApp:
                     await self._loading  # a session half-created in its thread cannot be interrupted
                 for batcher in self.batchers.values():
                     await batcher.stop()
+                self._decoder.shutdown(wait=False, cancel_futures=True)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -113,9 +129,15 @@ class ServeApp:
         self.metrics.request_started()
         route, model_name, status = "unknown", None, CLIENT_CLOSED
         try:
-            route, allowed, model_name = _route(scope["path"])
-            if allowed is None:
-                status = await _error(send, 404, f"no route {_cut(scope['path'])}")
+            raw_path = scope.get("raw_path")
+            path = raw_path.decode("latin-1") if raw_path is not None else scope["path"]
+            route, allowed, model_name = _route(path)
+            refusal = self.admission.check(scope["headers"], route)
+            if refusal is not None:
+                status = await _error(send, refusal.status, refusal.message, list(refusal.headers))
+                model_name = None
+            elif allowed is None:
+                status = await _error(send, 404, f"no route {_cut(path)}")
             elif scope["method"] not in allowed:
                 status = await _error(send, 405, f"{_cut(scope['method'])} is not allowed here", [(b"allow", ", ".join(allowed).encode())])
             elif model_name is not None and model_name not in self.names:
@@ -170,16 +192,21 @@ class ServeApp:
         if self.draining:
             raise ShuttingDown()
         batcher = self.batchers[model.name]
-        header_length = None
+        body, headers = await self._read_body(scope, receive)
+        if body is None:
+            return CLIENT_CLOSED
+        # Only a complete body makes a request worth a batch's wait: one stalled upload must not hold the others.
         batcher.arrival_started()
         try:
-            body, headers = await self._read_body(scope, receive)
-            if body is None:
-                return CLIENT_CLOSED
-            header_length = headers.get(HEADER_LENGTH)
-            request = decode_infer_request(body, header_length, model.inputs, model.output_names, self.config.reject_nonfinite)
+            args = (body, headers.get(HEADER_LENGTH), model.inputs, model.output_names, self.config.reject_nonfinite)
+            if len(body) > OFF_LOOP_BODY_BYTES:
+                request = await asyncio.get_running_loop().run_in_executor(self._decoder, decode_infer_request, *args)
+            else:
+                request = decode_infer_request(*args)
         finally:
             batcher.arrival_finished()
+        if request.rows > self.config.request_rows and any(spec.dims and spec.dims[0] is None for spec in model.inputs):
+            raise RequestError(f"the request holds {request.rows} rows; at most {self.config.request_rows} are accepted (--max-request-rows)")
         outputs = await batcher.infer(request.inputs, request.rows, self._timeout_s)
         payload, json_length = encode_infer_response(model.name, request, outputs, model.outputs, model.metadata.class_names)
         if json_length is None:
@@ -198,8 +225,8 @@ class ServeApp:
             return CLIENT_CLOSED
         if not body:
             raise RequestError("send the image file (PNG or JPEG bytes) as the request body")
-        # Decoding an image takes milliseconds: off the event loop, so other requests keep flowing.
-        input_name, tensor = await asyncio.to_thread(image_tensor, model, body)
+        # Decoding an image takes milliseconds and up to a few hundred MB: off the event loop, a few at a time.
+        input_name, tensor = await asyncio.get_running_loop().run_in_executor(self._decoder, image_tensor, model, body)
         outputs = await self.batchers[model.name].infer({input_name: tensor}, 1, self._timeout_s)
         return await _json(send, 200, {"model_name": model.name, "model_version": MODEL_VERSION, "predictions": top_k(model, outputs, k)})
 

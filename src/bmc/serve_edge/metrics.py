@@ -45,6 +45,12 @@ class ServeMetrics:
         )
         self._queue_depth = Gauge("bmc_serve_queue_depth", "Requests waiting in the batch queue.", ["model"], registry=self.registry)
         self._in_progress = Gauge("bmc_serve_requests_in_progress", "Requests received and not yet answered.", registry=self.registry)
+        self._refusals = Counter(
+            "bmc_serve_http_refusals", "Requests and connections refused by the HTTP layer, by status code, or evicted "
+            "(closed to make room at --max-connections) or connection_limit (refused: every connection busy).",
+            ["reason"], registry=self.registry,
+        )
+        self._open_connections = Gauge("bmc_serve_open_connections", "Client connections open now.", registry=self.registry)
         # Children are looked up once: labels() takes a lock and hashes on every call.
         self._latency_by_model = {name: self._latency.labels(name) for name in model_names}
         self._queue_time_by_model = {name: self._queue_time.labels(name) for name in model_names}
@@ -69,6 +75,13 @@ class ServeMetrics:
         if model is not None and model in self._latency_by_model:
             self._latency_by_model[model].observe(seconds)
             self.model_stats[model].request_finished(status == 200, seconds)
+
+    def http_refused(self, reason: str) -> None:
+        self._refusals.labels(reason).inc()
+
+    def count_connections(self, open_connections) -> None:
+        """Read the number of open connections from `open_connections()` at each scrape."""
+        self._open_connections.set_function(open_connections)
 
     def batch_ran(self, model: str, rows: int, queue_seconds: list[float]) -> None:
         self._batch_by_model[model].observe(rows)

@@ -1,7 +1,8 @@
-"""Running the app under uvicorn: verify every model, bind, load in the background, serve, drain on SIGTERM, exit 0."""
+"""Running the app: verify every model, bind, load in the background, serve (http1.py), drain on SIGTERM, exit 0."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -11,6 +12,9 @@ from bmc.serve_edge import ServeConfig
 
 log = logging.getLogger("bmc.serve")
 
+# Descriptors kept for everything but client connections: model files, onnxruntime, the event loop, logs.
+RESERVED_DESCRIPTORS = 64
+
 
 class ListenError(BmcError):
     """The server cannot listen on the requested address."""
@@ -19,9 +23,9 @@ class ListenError(BmcError):
 def run_server(config: ServeConfig) -> int:
     """Verify the models, listen, then load and warm them up while `live` already answers; serve until
     SIGTERM/SIGINT. 0 after a clean drain; a model that fails to load stops the server with its error."""
-    import uvicorn
-
+    from bmc.serve_edge.access import Admission, is_loopback, read_token, tls_context
     from bmc.serve_edge.app import ServeApp
+    from bmc.serve_edge.http1 import HttpLimits, HttpServer
     from bmc.serve_edge.integrity import read_verified_model
     from bmc.serve_edge.metrics import ServeMetrics
     from bmc.serve_edge.models import load_model
@@ -30,6 +34,8 @@ def run_server(config: ServeConfig) -> int:
     # checks) before the server listens: a tampered file stops it at once. Loading builds the
     # sessions from these same bytes, so a file swapped after this point is never what runs.
     verified = _read_verified_models(config, read_verified_model)
+    ssl_context = tls_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+    token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
     def load_models() -> dict:
         # Each model's bytes are let go once its sessions hold the weights.
@@ -38,37 +44,65 @@ def run_server(config: ServeConfig) -> int:
             for name in config.model_names
         }
 
-    app = ServeApp(load_models, config, ServeMetrics(config.model_names))
+    metrics = ServeMetrics(config.model_names)
+    app = ServeApp(load_models, config, metrics, Admission.for_server(config.host, config.allow_hosts, token))
+    limits = HttpLimits(
+        max_connections=connection_limit(config.max_connections),
+        max_header_bytes=config.max_header_bytes,
+        max_body_bytes=config.max_body_bytes,
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+    )
+    http_server = HttpServer(app, limits, ssl_context, on_refused=metrics.http_refused)
+    metrics.count_connections(lambda: http_server.open)
     listener = _listen(config.host, config.port)
     port = listener.getsockname()[1]
-    uvicorn_config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,  # paths only would be harmless, but the cost per request is not
-        lifespan="on",
-        timeout_graceful_shutdown=config.exit_timeout_s,
-        server_header=False,
-        timeout_keep_alive=5,
-    )
-    log.info("listening on http://%s:%d (live now; ready once %s loaded)", config.host, port, ", ".join(config.model_names))
-    server = _draining_server(uvicorn_config, app)
+    scheme = "https" if ssl_context is not None else "http"
+    if not is_loopback(config.host) and ssl_context is None and token is None:
+        log.warning(
+            "serving on %s without --tls-cert or --auth-token-file: anyone who can reach this address can run the "
+            "models and read what other clients send", config.host,
+        )
+    log.info("listening on %s://%s:%d (live now; ready once %s loaded)", scheme, config.host, port, ", ".join(config.model_names))
 
     def loaded(models: dict) -> None:
         for name, model in models.items():
             log.info(
-                "serving %s (%s, sha256 %s ok, %s, batch <= %d) on http://%s:%d/v2/models/%s",
+                "serving %s (%s, sha256 %s ok, %s, batch <= %d) on %s://%s:%d/v2/models/%s",
                 name, model.path, model.sha256[:12], model.device, config.max_batch if model.can_merge else 1,
-                config.host, port, name,
+                scheme, config.host, port, name,
             )
 
-    def failed(_error: BmcError) -> None:
-        server.should_exit = True
-
-    app.on_loaded, app.on_load_failure = loaded, failed
-    server.run(sockets=[listener])
+    app.on_loaded = loaded
+    loop = _new_event_loop()
+    try:
+        loop.run_until_complete(_serve(app, http_server, listener, config.exit_timeout_s))
+    finally:
+        loop.close()
     if app.load_error is not None:
         raise app.load_error
     return 0
+
+
+async def _serve(app, http_server, listener: socket.socket, exit_timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        app.draining = True  # ready turns off at once
+        if stop.is_set():
+            http_server.hurry = True  # a second signal skips the grace period, as in uvicorn
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    app.on_load_failure = lambda _error: stop.set()
+    lifespan = _Lifespan(app)
+    await lifespan.startup()
+    http_server.start(listener)
+    await stop.wait()
+    await http_server.shutdown(exit_timeout_s)
+    await lifespan.shutdown()
 
 
 def _read_verified_models(config: ServeConfig, read_verified_model) -> dict:
@@ -85,19 +119,57 @@ def _read_verified_models(config: ServeConfig, read_verified_model) -> dict:
     }
 
 
-def _draining_server(uvicorn_config, app):
-    """uvicorn's Server, with ready turned off the moment a stop signal arrives."""
-    import uvicorn
+class _Lifespan:
+    """The ASGI lifespan protocol, driven by hand: startup before listening, shutdown after the drain."""
 
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            app.draining = True
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the stop signal after its graceful shutdown, which would end the process
-            # by SIGTERM; a drained server stops normally, with exit code 0.
-            self._captured_signals = [s for s in self._captured_signals if s not in (signal.SIGTERM, signal.SIGINT)]
+    def __init__(self, app):
+        self.app = app
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
 
-    return DrainingServer(uvicorn_config)
+    async def startup(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(
+            self.app({"type": "lifespan", "asgi": {"version": "3.0"}}, self.inbox.get, self.replies.put)
+        )
+        await self.inbox.put({"type": "lifespan.startup"})
+        await self.replies.get()
+
+    async def shutdown(self) -> None:
+        await self.inbox.put({"type": "lifespan.shutdown"})
+        await self.task
+
+
+def connection_limit(wanted: int) -> int:
+    """`wanted`, or fewer when the descriptor limit (raised to its hard limit if need be) leaves less room."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to ask
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + RESERVED_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    room = soft - RESERVED_DESCRIPTORS
+    if room < 1:
+        raise ListenError(f"the process may open {soft} files (ulimit -n), which leaves no room for client connections")
+    log.info("--max-connections lowered to %d: the process may open %d files (ulimit -n)", room, soft)
+    return room
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -110,5 +182,4 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.listen(2048)
     except (OSError, OverflowError) as exc:
         raise ListenError(f"cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
-    listener.set_inheritable(True)
     return listener

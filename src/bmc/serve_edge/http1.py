@@ -1,0 +1,632 @@
+"""HTTP/1.1 under bmc serve: asyncio with httptools' parser, and the limits a hostile client cannot get around.
+
+Our own connection layer rather than uvicorn's, because every limit below lives where uvicorn keeps
+its code closed: with httptools, uvicorn accepts headers of any size and number (one 128 MiB header
+cost 17.8 s of CPU, quadratic in the parser's concatenation), has no header or body read timeout,
+and starts the app before the body arrives. Here, per connection:
+  - The request line and headers are counted before the parser sees them: past `max_header_bytes`
+    431, a URL past `max_url_bytes` 414, more than `max_headers` fields 431; then the connection closes.
+  - Deadlines: a connection has `header_timeout_s` to send a request's headers and `body_timeout_s`
+    after them for its body (408, then close; a connection that sent nothing is just closed); idle
+    between requests it is closed after `keep_alive_s`; a response it does not read within
+    `body_timeout_s` is dropped.
+  - A body over `max_body_bytes` gets 413 before it is read (declared) or once it passes the limit (chunked).
+  - The app (ASGI) sees a request only once its body is complete: a stalled upload holds nothing but its socket.
+And per server: at most `max_connections` connections, counted from accept (TLS handshakes included).
+One more evicts the connection that has waited longest without a request in the app (idle, silent,
+slow or mid-handshake); only when every connection has a request in the app is the new one refused
+with 503 and closed. So slow and silent clients can hold neither descriptors nor other clients' turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http
+import logging
+import socket
+import ssl
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote
+
+import httptools
+import orjson
+
+log = logging.getLogger("bmc.serve")
+
+IDLE, HEAD, BODY = 0, 1, 2  # what a connection is receiving: nothing yet, a request's headers, its body
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener
+LARGE_BODY_BYTES = 1 << 16  # larger response bodies are written apart from their headers (no copy)
+ASGI = {"version": "3.0", "spec_version": "2.3"}
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may cost the server; see the module docstring."""
+
+    max_connections: int = 1024
+    max_header_bytes: int = 16 * 1024  # Node's default; nginx allows 4 x 8 KiB, Triton's evhtp about 8 KiB
+    max_url_bytes: int = 8 * 1024
+    max_headers: int = 100  # Apache's LimitRequestFields and Go's default
+    max_body_bytes: int = 64 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often deadlines are checked: a quarter of the shortest, between 50 ms and 1 s."""
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s)
+        return min(1.0, max(0.05, shortest / 4))
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing; the connection answers its refusal and closes."""
+
+
+class _Request:
+    __slots__ = ("method", "http_version", "keep_alive", "raw_path", "query", "headers", "chunks", "body_bytes")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.body_bytes = 0
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests within the limits, answers them one at a time, in order."""
+
+    def __init__(self, server: HttpServer, handshake: _Handshake):
+        self.server = server
+        self.limits = server.limits
+        self.loop = server.loop
+        self.handshake = handshake
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.phase = IDLE
+        self.head_bytes = 0  # bytes fed to the parser since the last request ended
+        self.deadline = 0.0  # loop time at which the current wait (headers, body, keep-alive) ends
+        self.request: _Request | None = None  # the request being received
+        self.url_parts: list[bytes] = []
+        self.url_bytes = 0
+        self.refusal: tuple[int, str] | None = None
+        self.queue: deque[_Request] = deque()  # received, waiting for the one in the app (pipelining)
+        self.in_app = False
+        self.closing = False
+        self.close_after_response = False
+        self.write_paused = False
+        self.drained: asyncio.Future | None = None
+        self.lost: asyncio.Future | None = None
+        self.scheme = "http"
+        self.client = None
+        self.local = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+        self.client = transport.get_extra_info("peername")
+        self.local = transport.get_extra_info("sockname")
+        self.server.connected(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.disconnected(self)
+        for future in (self.drained, self.lost):
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.phase == BODY:  # body bytes are bounded by max_body_bytes in on_body
+            self._feed(data)
+            return
+        room = self.limits.max_header_bytes - self.head_bytes
+        if len(data) <= room:
+            self.head_bytes += len(data)
+            self._feed(data)
+            return
+        # More than the head may still take: feed what fits, and refuse if the headers are not done by then.
+        # (Bytes of a pipelined request that starts inside a piece are not counted: at most one more piece.)
+        view = memoryview(data)
+        while view and not self.closing:
+            if self.phase == BODY:
+                self._feed(view)
+                return
+            room = self.limits.max_header_bytes - self.head_bytes
+            if room <= 0:
+                self.refuse(431, f"the request line and headers exceed {self.limits.max_header_bytes} bytes (--max-header-bytes)")
+                return
+            piece, view = view[:room], view[room:]
+            self.head_bytes += len(piece)
+            if not self._feed(piece):
+                return
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; a response still being computed goes nowhere
+
+    def _feed(self, data) -> bool:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request before the Upgrade header was complete and is answered; we speak nothing else.
+            self.close_after_response = True
+            self.transport.pause_reading()
+            return False
+        except httptools.HttpParserError:
+            status, message = self.refusal or (400, "malformed HTTP request")
+            self.refuse(status, message)
+            return False
+        return True
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.phase = HEAD
+        self.request = _Request()
+        self.url_parts = []
+        self.url_bytes = 0
+        if not self.in_app:
+            self.deadline = self.loop.time() + self.limits.header_timeout_s
+
+    def on_url(self, url: bytes) -> None:
+        self.url_bytes += len(url)
+        if self.url_bytes > self.limits.max_url_bytes:
+            self._stop(414, f"the URL exceeds {self.limits.max_url_bytes} bytes")
+        self.url_parts.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.request.headers
+        if len(headers) >= self.limits.max_headers:
+            self._stop(431, f"more than {self.limits.max_headers} header fields")
+        # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110, 5.5).
+        headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser, request = self.parser, self.request
+        request.method = parser.get_method().decode("ascii")
+        request.http_version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            self._stop(400, "malformed URL")
+        request.raw_path = parsed.path or b"/"
+        request.query = parsed.query or b""
+        expect_continue = False
+        for name, value in request.headers:
+            if name == b"content-length":
+                # llhttp has checked it is all digits
+                if int(value) > self.limits.max_body_bytes:
+                    self._stop(413, f"the body is {int(value)} bytes; at most {self.limits.max_body_bytes} are accepted (--max-body-bytes)")
+            elif name == b"expect":
+                expect_continue = value.lower() == b"100-continue"
+        self.phase = BODY
+        if not self.in_app:
+            if expect_continue:  # not between another request's response bytes
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.deadline = self.loop.time() + self.limits.body_timeout_s
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        request.body_bytes += len(body)
+        if request.body_bytes > self.limits.max_body_bytes:  # chunked bodies declare no length
+            self._stop(413, f"the body exceeds {self.limits.max_body_bytes} bytes (--max-body-bytes)")
+        request.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        self.phase = IDLE
+        self.head_bytes = 0
+        self.queue.append(request)
+        if self.in_app:
+            self.transport.pause_reading()  # one request in the app per connection; the rest wait unread
+        else:
+            self._next()
+
+    def _stop(self, status: int, message: str):
+        self.refusal = (status, message)
+        raise _Stop()
+
+    # answering
+
+    def _next(self) -> None:
+        request = self.queue.popleft()
+        self.in_app = True
+        self.server.working(self)
+        self.server.start_task(self._answer(request))
+
+    async def _answer(self, request: _Request) -> None:
+        try:
+            await self._run_app(request)
+            if self.write_paused and not self.closing:
+                self.drained = self.loop.create_future()
+                try:
+                    await asyncio.wait_for(self.drained, self.limits.body_timeout_s)
+                except TimeoutError:  # a client that does not read its answer holds no buffer for long
+                    self.transport.abort()
+        finally:
+            self.in_app = False
+        if self.closing:
+            return
+        if self.close_after_response or not request.keep_alive or self.server.draining:
+            self.close()
+        elif self.queue:
+            self._next()
+        else:
+            self.transport.resume_reading()
+            self.server.waiting(self)
+
+    async def _run_app(self, request: _Request) -> None:
+        raw_path = request.raw_path
+        path = raw_path.decode("latin-1")
+        scope = {
+            "type": "http",
+            "asgi": ASGI,
+            "http_version": request.http_version,
+            "method": request.method,
+            "scheme": self.scheme,
+            "path": unquote(path) if "%" in path else path,
+            "raw_path": raw_path,
+            "query_string": request.query,
+            "root_path": "",
+            "headers": request.headers,
+            "client": self.client,
+            "server": self.local,
+        }
+        chunks = request.chunks
+        body: bytes | None = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        request.chunks = []
+        response_start: dict | None = None
+        done = False
+
+        async def receive() -> dict:
+            nonlocal body
+            if body is not None:
+                message = {"type": "http.request", "body": body, "more_body": False}
+                body = None
+                return message
+            if not self.closing:  # the whole body was given: wait for the client to go away
+                if self.lost is None:
+                    self.lost = self.loop.create_future()
+                await self.lost
+            return {"type": "http.disconnect"}
+
+        parts: list[bytes] = []
+
+        async def send(message: dict) -> None:
+            nonlocal response_start, done
+            if message["type"] == "http.response.start":
+                response_start = message
+                return
+            if message["type"] != "http.response.body" or response_start is None or done:
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            done = True
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._write(request, response_start["status"], response_start.get("headers", ()), payload)
+
+        try:
+            await self.server.app(scope, receive, send)
+        except Exception as exc:  # a bug in the app: answer if nothing went out yet, log the type only
+            log.error("%s %s failed: %s", request.method, path[:80], type(exc).__name__)
+            if response_start is None:
+                self._write(request, 500, (), orjson.dumps({"error": "internal server error"}), b"application/json")
+                return
+        if not done:
+            self.close_after_response = True  # the app left the response unfinished: the client cannot frame it
+            if response_start is None:
+                self._write(request, 500, (), orjson.dumps({"error": "no response"}), b"application/json")
+
+    def _write(self, request: _Request, status: int, headers, payload: bytes, content_type: bytes | None = None) -> None:
+        if self.closing:
+            return
+        keep_alive = request.keep_alive and not self.close_after_response and not self.server.draining
+        head = [STATUS_LINES[status]]
+        if content_type is not None:
+            head.append(b"content-type: %s\r\n" % content_type)
+        has_length = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            head.extend((name, b": ", value, b"\r\n"))
+        if not has_length:
+            head.append(b"content-length: %d\r\n" % len(payload))
+        head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        if request.method == "HEAD" or not payload:
+            self.transport.write(b"".join(head))
+        elif len(payload) > LARGE_BODY_BYTES:
+            self.transport.write(b"".join(head))
+            self.transport.write(payload)
+        else:
+            head.append(payload)
+            self.transport.write(b"".join(head))
+        if not keep_alive:
+            self.close_after_response = True
+
+    # refusing and closing
+
+    def refuse(self, status: int, message: str, extra_headers: tuple = (), reason: str | None = None) -> None:
+        """Answer `status` with {"error": message} and close (after the answer in the app, if one is)."""
+        if self.closing:
+            return
+        self.server.refused(reason or str(status))
+        if self.in_app:  # answering now would cut into that response
+            self.close_after_response = True
+            self.transport.pause_reading()
+            return
+        body = orjson.dumps({"error": message})
+        head = [STATUS_LINES[status], b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)]
+        head.extend(b"%s: %s\r\n" % header for header in extra_headers)
+        head.append(b"connection: close\r\n\r\n")
+        head.append(body)
+        self.transport.write(b"".join(head))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.server.closing(self)
+            self.transport.close()
+
+    def expire(self) -> None:
+        """Its deadline passed while it waited for the client."""
+        if self.phase == HEAD:
+            self.refuse(408, f"the request headers did not arrive within {self.limits.header_timeout_s:g} s (--header-timeout)")
+        elif self.phase == BODY:
+            self.refuse(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s (--body-timeout)")
+        else:
+            self.close()  # asked nothing, so nothing to answer
+
+    def evict(self) -> None:
+        """Make room for a new connection: this one has waited longest without a request in the app."""
+        if self.phase == IDLE:
+            self.close()
+        else:
+            self.refuse(503, "the server is at its connection limit (--max-connections); retry", ((b"retry-after", b"1"),), "evicted")
+
+
+class _Handshake:
+    """A connection accepted and not yet made: counted, timed and evictable like the others."""
+
+    __slots__ = ("task", "deadline", "made")
+
+    def __init__(self, deadline: float):
+        self.task: asyncio.Task | None = None
+        self.deadline = deadline
+        self.made = False
+
+    def expire(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    evict = expire
+
+
+class HttpServer:
+    """Accepts connections on a listening socket and runs an ASGI app's http scope for each request."""
+
+    def __init__(self, app, limits: HttpLimits, ssl_context: ssl.SSLContext | None = None,
+                 on_refused: Callable[[str], None] | None = None):
+        self.app = app
+        self.limits = limits
+        self.ssl_context = ssl_context
+        # Called with the status code of each refusal, "evicted" or "connection_limit": for the metrics.
+        self.on_refused = on_refused or (lambda reason: None)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.hurry = False  # set during shutdown: stop waiting for requests in progress
+        self.open = 0  # accepted and not yet closed: what holds descriptors
+        # Connections with no request in the app, longest waiting first: timed, and evicted first.
+        self._waiting: OrderedDict = OrderedDict()
+        self._connections: set[HttpConnection] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._listener: socket.socket | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._accept_paused = False
+
+    @property
+    def in_app(self) -> int:
+        return sum(1 for connection in self._connections if connection.in_app)
+
+    def start(self, listener: socket.socket) -> None:
+        """Start accepting on `listener` (bound and listening) in the running loop."""
+        self.loop = asyncio.get_running_loop()
+        self._listener = listener
+        listener.setblocking(False)
+        self.loop.add_reader(listener.fileno(), self._accept)
+        self._sweeper = self.loop.create_task(self._sweep(), name="http-deadlines")
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in OUT_OF_DESCRIPTORS:
+                    raise
+                # The descriptor limit was reached before max_connections (other files, another thread):
+                # free the longest-waiting connection, or stop accepting for a moment.
+                log.warning("out of file descriptors accepting a connection (%d open); see --max-connections", self.open)
+                if not self._evict_one():
+                    self._pause_accepting(0.1)
+                return
+            self._admit(sock)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if not self._accept_paused and self._listener is not None:
+            self._accept_paused = True
+            self.loop.remove_reader(self._listener.fileno())
+            self.loop.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if not self.draining and self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.open += 1
+        if self.open > self.limits.max_connections and not self._evict_one():
+            self.open -= 1
+            self.refused("connection_limit")
+            _refuse_socket(sock, self.ssl_context is None)
+            return
+        handshake = _Handshake(self.loop.time() + self.limits.header_timeout_s)
+        self._waiting[handshake] = None
+        factory = lambda: HttpConnection(self, handshake)  # noqa: E731
+        if self.ssl_context is None:
+            made = self.loop.connect_accepted_socket(factory, sock)
+        else:
+            made = self.loop.connect_accepted_socket(
+                factory, sock, ssl=self.ssl_context, ssl_handshake_timeout=self.limits.header_timeout_s
+            )
+        handshake.task = self.loop.create_task(made)
+        handshake.task.add_done_callback(lambda task: self._handshake_done(handshake, task, sock))
+
+    def _handshake_done(self, handshake: _Handshake, task: asyncio.Task, sock: socket.socket) -> None:
+        if handshake.made:
+            return
+        self._waiting.pop(handshake, None)
+        self.open -= 1
+        if not task.cancelled() and task.exception() is None:
+            return
+        if sock.fileno() != -1:  # closed by the loop on failure in most cases; never leak it
+            sock.close()
+
+    def _evict_one(self) -> bool:
+        if not self._waiting:
+            return False
+        oldest, _ = self._waiting.popitem(last=False)
+        if not isinstance(oldest, HttpConnection) or oldest.phase == IDLE:
+            self.refused("evicted")
+        oldest.evict()
+        return True
+
+    # called by connections
+
+    def connected(self, connection: HttpConnection) -> None:
+        handshake = connection.handshake
+        handshake.made = True
+        self._waiting.pop(handshake, None)
+        self._connections.add(connection)
+        if self.draining:
+            connection.close()
+            return
+        connection.deadline = handshake.deadline if self.ssl_context is None else self.loop.time() + self.limits.header_timeout_s
+        self._waiting[connection] = None
+
+    def working(self, connection: HttpConnection) -> None:
+        self._waiting.pop(connection, None)
+
+    def waiting(self, connection: HttpConnection) -> None:
+        """It has no request in the app again: time its wait from now."""
+        now = self.loop.time()
+        limits = self.limits
+        timeout = limits.keep_alive_s if connection.phase == IDLE else limits.header_timeout_s if connection.phase == HEAD else limits.body_timeout_s
+        connection.deadline = now + timeout
+        self._waiting[connection] = None
+
+    def closing(self, connection: HttpConnection) -> None:
+        self._waiting.pop(connection, None)
+
+    def disconnected(self, connection: HttpConnection) -> None:
+        self._waiting.pop(connection, None)
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self.open -= 1
+
+    def refused(self, reason: str) -> None:
+        self.on_refused(reason)
+
+    def start_task(self, coroutine) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        interval = self.limits.sweep_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = self.loop.time()
+            for entry in [entry for entry in self._waiting if entry.deadline <= now]:
+                self._waiting.pop(entry, None)
+                entry.expire()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, close idle connections, let requests in the app (and ones being received) finish
+        within grace_s, then close everything."""
+        self.draining = True
+        if self._listener is not None:
+            if not self._accept_paused:
+                self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+        for entry in list(self._waiting):
+            if isinstance(entry, _Handshake) or entry.phase == IDLE:
+                self._waiting.pop(entry, None)
+                entry.expire()
+        deadline = self.loop.time() + grace_s
+        while not self.hurry and self.loop.time() < deadline and any(c.in_app or c.phase != IDLE for c in self._connections if not c.closing):
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.sleep(0)
+
+
+def _refuse_socket(sock: socket.socket, plain: bool) -> None:
+    """503 to a connection over the limit when none can be evicted (plain HTTP only: TLS has no handshake yet)."""
+    try:
+        if plain:
+            # Read what the client already sent, so that closing sends FIN, not a reset that could discard the answer.
+            try:
+                sock.recv(65536)
+            except OSError:
+                pass
+            body = orjson.dumps({"error": "the server is at its connection limit (--max-connections) and every "
+                                          "connection has a request in progress; retry"})
+            sock.send(STATUS_LINES[503] + b"content-type: application/json\r\ncontent-length: %d\r\nretry-after: 1\r\n"
+                      b"connection: close\r\n\r\n%s" % (len(body), body))
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
