@@ -40,6 +40,11 @@ MODEL_VERSION = "1"
 OFF_LOOP_BODY_BYTES = 256 * 1024
 # Decodes at once: each large body or image may take hundreds of MB while it is decoded.
 DECODE_THREADS = 2
+# A run whose inputs exceed both this and twice a full --max-batch batch of the model's fixed dims
+# (possible only with dynamic non-batch dims) returns onnxruntime's arena to the system afterwards:
+# resnet20, one 4096-row run: RSS 75 -> 609 MB and held, 99 MB with shrinkage. Not on every run:
+# shrinking each time costs nothing measurable in latency but fragments the heap (+20-40 MB).
+ARENA_SHRINK_ABOVE_BYTES = 16 * 1024 * 1024
 
 
 class ServeApp:
@@ -84,7 +89,7 @@ class ServeApp:
         self.batchers = {
             name: DynamicBatcher(
                 name,
-                model.run,
+                _arena_bounded_run(model, self.config.max_batch),
                 self.metrics,
                 max_batch=self.config.max_batch,
                 max_delay_ms=self.config.max_delay_ms,
@@ -314,6 +319,35 @@ async def _error(send, status: int, message: str, extra_headers: list | None = N
 def _cut(text: str) -> str:
     text = repr(text)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _arena_bounded_run(model: ServedModel, max_batch: int) -> Callable:
+    """model.run, with onnxruntime's arena shrunk after a run larger than any full batch of fixed-size rows."""
+    import math
+
+    import onnxruntime as ort
+
+    from bmc.serve_edge.codec import V2_TO_NUMPY
+
+    row_bytes = sum(
+        math.prod(d or 1 for d in spec.dims[1:]) * V2_TO_NUMPY[spec.datatype].itemsize for spec in model.inputs if spec.datatype in V2_TO_NUMPY
+    )
+    threshold = max(ARENA_SHRINK_ABOVE_BYTES, 2 * max_batch * row_bytes)
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    names = list(model.output_names)
+
+    shrink_next = False  # the large run's outputs were still in use when it shrank: the next run frees them
+
+    def run(feed: dict) -> dict:
+        nonlocal shrink_next
+        large = sum(array.nbytes for array in feed.values()) > threshold
+        if not large and not shrink_next:
+            return model.run(feed)
+        shrink_next = large
+        return dict(zip(names, model.session_for(feed).run(names, feed, shrink)))
+
+    return run
 
 
 def _ort_reason(exc: Exception) -> str:
