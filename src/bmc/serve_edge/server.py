@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -66,6 +67,10 @@ def run_server(config: ServeConfig) -> int:
     log.info("listening on %s://%s:%d (live now; ready once %s loaded)", scheme, config.host, port, ", ".join(config.model_names))
 
     def loaded(models: dict) -> None:
+        # What start-up made (modules, sessions, metadata) lives as long as the server: out of the
+        # collector's sight, so a full collection walks only what requests made (shorter pauses, lower p99).
+        gc.collect()
+        gc.freeze()
         for name, model in models.items():
             log.info(
                 "serving %s (%s, sha256 %s ok, %s, batch <= %d) on %s://%s:%d/v2/models/%s",
