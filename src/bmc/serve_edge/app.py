@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -38,8 +39,10 @@ MODEL_VERSION = "1"
 # Bodies larger than this are decoded on a decode thread, not on the event loop (a 64 MiB JSON
 # body takes about a second to parse); images always are.
 OFF_LOOP_BODY_BYTES = 256 * 1024
-# Decodes at once: each large body or image may take hundreds of MB while it is decoded.
-DECODE_THREADS = 2
+# Decodes at once: each large body or image may take up to a few hundred MB and a core while it is
+# decoded; a quarter of the cores, so decoding never starves the event loop and the model's thread.
+DECODE_NICENESS = 10
+DECODE_THREADS = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // 4)
 # A run whose inputs exceed both this and twice a full --max-batch batch of the model's fixed dims
 # (possible only with dynamic non-batch dims) returns onnxruntime's arena to the system afterwards:
 # resnet20, one 4096-row run: RSS 75 -> 609 MB and held, 99 MB with shrinkage. Not on every run:
@@ -73,7 +76,7 @@ class ServeApp:
         self._load_models = load_models
         self._loading: asyncio.Task | None = None
         self._timeout_s = config.timeout_ms / 1000.0
-        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="bmc-decode")
+        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="bmc-decode", initializer=_yield_cpu)
 
     @property
     def ready(self) -> bool:
@@ -319,6 +322,17 @@ async def _error(send, status: int, message: str, extra_headers: list | None = N
 def _cut(text: str) -> str:
     text = repr(text)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's scheduling priority: a 40 Mpx image or a 64 MiB body waits for the event loop
+    and the model's thread, not the other way round (Linux sets niceness per thread; raising it needs no privilege)."""
+    try:
+        import threading
+
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + DECODE_NICENESS))
+    except (AttributeError, OSError):  # not Linux: same priority as the rest
+        pass
 
 
 def _arena_bounded_run(model: ServedModel, max_batch: int) -> Callable:

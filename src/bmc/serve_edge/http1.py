@@ -39,6 +39,11 @@ log = logging.getLogger("bmc.serve")
 
 IDLE, HEAD, BODY = 0, 1, 2  # what a connection is receiving: nothing yet, a request's headers, its body
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener
+# After a refusal, what the client still sends is read and dropped this long before closing (nginx's
+# lingering close): closing with unread data sends a reset, which can destroy the refusal before the
+# client, still sending its request, gets to read it.
+LINGER_S = 5.0
+LINGER_BYTES = 4 * 1024 * 1024  # and at most this much: a client that keeps sending gets the reset
 LARGE_BODY_BYTES = 1 << 16  # larger response bodies are written apart from their headers (no copy)
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -113,6 +118,8 @@ class HttpConnection(asyncio.Protocol):
         self.queue: deque[_Request] = deque()  # received, waiting for the one in the app (pipelining)
         self.in_app = False
         self.reading_paused = False
+        self.lingering = False
+        self.lingered_bytes = 0
         self.closing = False
         self.close_after_response = False
         self.write_paused = False
@@ -156,6 +163,10 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self.lingering:
+                self.lingered_bytes += len(data)
+                if self.lingered_bytes > LINGER_BYTES:
+                    self.transport.close()
             return
         if self.phase == BODY:  # body bytes are bounded by max_body_bytes in on_body
             self._feed(data)
@@ -394,7 +405,7 @@ class HttpConnection(asyncio.Protocol):
 
     # refusing and closing
 
-    def refuse(self, status: int, message: str, extra_headers: tuple = (), reason: str | None = None) -> None:
+    def refuse(self, status: int, message: str, extra_headers: tuple = (), reason: str | None = None, linger: bool = True) -> None:
         """Answer `status` with {"error": message} and close (after the answer in the app, if one is)."""
         if self.closing:
             return
@@ -409,7 +420,15 @@ class HttpConnection(asyncio.Protocol):
         head.append(b"connection: close\r\n\r\n")
         head.append(body)
         self.transport.write(b"".join(head))
-        self.close()
+        if not linger or not self.transport.can_write_eof():  # TLS: no half-close
+            self.close()
+            return
+        self.closing = self.lingering = True  # data_received now drops what arrives
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.transport.write_eof()
+        self.server.lingering(self)
 
     def close(self) -> None:
         if not self.closing:
@@ -419,7 +438,9 @@ class HttpConnection(asyncio.Protocol):
 
     def expire(self) -> None:
         """Its deadline passed while it waited for the client."""
-        if self.phase == HEAD:
+        if self.lingering:
+            self.transport.close()
+        elif self.phase == HEAD:
             self.refuse(408, f"the request headers did not arrive within {self.limits.header_timeout_s:g} s (--header-timeout)")
         elif self.phase == BODY:
             self.refuse(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s (--body-timeout)")
@@ -428,10 +449,13 @@ class HttpConnection(asyncio.Protocol):
 
     def evict(self) -> None:
         """Make room for a new connection: this one has waited longest without a request in the app."""
-        if self.phase == IDLE:
+        if self.lingering:
+            self.transport.close()
+        elif self.phase == IDLE:
             self.close()
         else:
-            self.refuse(503, "the server is at its connection limit (--max-connections); retry", ((b"retry-after", b"1"),), "evicted")
+            # Closed at once, not lingering: its descriptor is what the new connection needs.
+            self.refuse(503, "the server is at its connection limit (--max-connections); retry", ((b"retry-after", b"1"),), "evicted", linger=False)
 
 
 class _Handshake:
@@ -503,6 +527,10 @@ class HttpServer:
                     self._pause_accepting(0.1)
                 return
             self._admit(sock)
+            if self.open >= self.limits.max_connections:
+                # An evicted connection's descriptor is released on the next loop iteration: accepting
+                # more now would take descriptors that are not free yet (EMFILE under a low ulimit -n).
+                return
 
     def _pause_accepting(self, seconds: float) -> None:
         if not self._accept_paused and self._listener is not None:
@@ -584,6 +612,12 @@ class HttpServer:
 
     def closing(self, connection: HttpConnection) -> None:
         self._waiting.pop(connection, None)
+
+    def lingering(self, connection: HttpConnection) -> None:
+        """Refused and half-closed: first in line to be evicted, closed for good at its deadline."""
+        connection.deadline = self.loop.time() + LINGER_S
+        self._waiting[connection] = None
+        self._waiting.move_to_end(connection, last=False)
 
     def disconnected(self, connection: HttpConnection) -> None:
         self._waiting.pop(connection, None)
