@@ -178,10 +178,10 @@ def _abuse_process(kind: str, port: int, stop, results) -> None:
                                              "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
             extra = b"Inference-Header-Content-Length: %d\r\nContent-Type: application/octet-stream\r\n" % len(header)
             tasks = [_post_loop(port, local_stop, counts, "/v2/models/model/infer", header + rows.tobytes(), extra) for _ in range(2)]
-        elif kind == "gzip_bomb":  # 1 MB of deflate that would inflate to 1 GiB: refused at the 64 MiB limit, 4 at once
+        elif kind == "gzip_bomb":  # 130 KB of deflate that would inflate to 128 MiB: refused at the 64 MiB limit, 4 at once
             squeezed = zlib.compressobj(9)
             zeros = bytes(1 << 20)
-            bomb = b"".join(squeezed.compress(zeros) for _ in range(1024)) + squeezed.flush()
+            bomb = b"".join(squeezed.compress(zeros) for _ in range(128)) + squeezed.flush()
             tasks = [_post_loop(port, local_stop, counts, "/v2/models/model/infer", bomb, b"Content-Encoding: deflate\r\n") for _ in range(4)]
         elif kind == "png_strip":  # the 39 KB 1 x 40,000,000 PNG, 4 at once
             strip = _png(40_000_000, 1)

@@ -301,13 +301,24 @@ def test_more_rows_than_max_batch_are_refused_with_400(digits):
     body = json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]})
     status, raw, _ = digits.request("POST", "/v2/models/digits/infer", body.encode())
     assert status == 400 and "at most 8" in json.loads(raw)["error"] and "--max-request-rows" in json.loads(raw)["error"]
-    # A large binary request of many rows is refused too, without running it.
+    # A large binary request of many rows is refused too, without running it: 25 MB of JSON-described rows ...
     many = np.zeros((100_000, 1, 8, 8), np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [100_000, 1, 8, 8], "datatype": "FP32"}]}).encode()
+    rows_as_json = b'{"inputs": [{"name": "input", "shape": [100000, 1, 8, 8], "datatype": "FP32", "data": [' + b",".join([b"0"] * many.size) + b"]}]}"
+    status, raw, _ = digits.request("POST", "/v2/models/digits/infer", rows_as_json)
+    assert status == 400 and "100000 rows" in json.loads(raw)["error"]
+    # ... and in binary form even before its body is read: its length says it holds more than 8 rows.
     header = json.dumps({"inputs": [{"name": "input", "shape": list(many.shape), "datatype": "FP32",
                                      "parameters": {"binary_data_size": many.nbytes}}]}).encode()
-    status, raw, _ = digits.request("POST", "/v2/models/digits/infer", header + many.tobytes(),
-                                    {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"})
-    assert status == 400 and "100000 rows" in json.loads(raw)["error"]
+    with digits.raw() as sock:
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nInference-Header-Content-Length: %d\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(header), len(header) + many.nbytes))
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-request-rows" in answer, answer[:300]
+    one = np.zeros((1, 1, 8, 8), np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": one.nbytes}}]}).encode()
+    status, _, _ = digits.request("POST", "/v2/models/digits/infer", header + one.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 200
     eight = json.dumps({"inputs": [{"name": "input", "shape": [8, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 512}]})
     assert digits.request("POST", "/v2/models/digits/infer", eight.encode())[0] == 200
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from bmc.errors import BmcError
 from bmc.serve_edge import ServeConfig
 from bmc.serve_edge.access import Admission
 from bmc.serve_edge.batcher import DeadlineExceeded, DynamicBatcher, InferenceFailed, QueueFullError, ShuttingDown
-from bmc.serve_edge.codec import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response
+from bmc.serve_edge.codec import HEADER_LENGTH, V2_TO_NUMPY, RequestError, decode_infer_request, encode_infer_response
 from bmc.serve_edge.metrics import CLIENT_CLOSED, ServeMetrics
 from bmc.serve_edge.models import ServedModel
 from bmc.serve_edge.triton import EXTENSIONS, model_config, request_inflater, statistics_response
@@ -48,6 +49,7 @@ DECODE_THREADS = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
 # resnet20, one 4096-row run: RSS 75 -> 609 MB and held, 99 MB with shrinkage. Not on every run:
 # shrinking each time costs nothing measurable in latency but fragments the heap (+20-40 MB).
 ARENA_SHRINK_ABOVE_BYTES = 16 * 1024 * 1024
+FIXED_SIZE = {name: dtype.itemsize for name, dtype in V2_TO_NUMPY.items() if dtype.kind != "O"}  # BYTES excluded
 
 
 class ServeApp:
@@ -238,6 +240,28 @@ class ServeApp:
         outputs = await self.batchers[model.name].infer({input_name: tensor}, 1, self._timeout_s)
         return await _json(send, 200, {"model_name": model.name, "model_version": MODEL_VERSION, "predictions": top_k(model, outputs, k)})
 
+    def body_too_large(self, method: str, raw_path: bytes, headers: list, declared_bytes: int) -> str | None:
+        """Why a binary infer body of `declared_bytes` cannot be valid, before it is read (None if it may be):
+        its binary section can hold at most --max-request-rows rows of a model whose rows have a fixed size."""
+        route, _, name = _route(raw_path.decode("latin-1"))
+        model = self.models.get(name) if route == "infer" and method == "POST" else None
+        row_bytes = _fixed_row_bytes(model) if model is not None else None
+        if row_bytes is None:
+            return None
+        header_bytes = None
+        for key, value in headers:
+            if key == b"content-encoding":
+                return None  # what it inflates to is known only once it is read
+            if key == b"inference-header-content-length" and value.isdigit():
+                header_bytes = int(value)
+        if header_bytes is None:
+            return None  # JSON data: its size says little about its rows
+        most = header_bytes + self.config.request_rows * row_bytes
+        if declared_bytes <= most:
+            return None
+        return (f"the body is {declared_bytes} bytes; a binary request to {model.name} holds at most {most} "
+                f"({self.config.request_rows} rows, --max-request-rows)")
+
     async def _read_body(self, scope: dict, receive) -> tuple[bytes | None, dict[str, str]]:
         """(body, the headers this app reads); body None when the client went away. 413 before reading too much."""
         limit = self.config.max_body_bytes
@@ -333,6 +357,16 @@ def _inflate(inflater, body: bytes) -> bytes:
     return inflated
 
 
+def _fixed_row_bytes(model: ServedModel) -> int | None:
+    """Bytes one row of every input takes in binary form, when every input has a batch axis and rows of a fixed size."""
+    total = 0
+    for spec in model.inputs:
+        if not spec.dims or spec.dims[0] is not None or None in spec.dims[1:] or spec.datatype not in FIXED_SIZE:
+            return None
+        total += math.prod(spec.dims[1:]) * FIXED_SIZE[spec.datatype]
+    return total
+
+
 def _yield_cpu() -> None:
     """Lower this thread's scheduling priority: a 40 Mpx image or a 64 MiB body waits for the event loop
     and the model's thread, not the other way round (Linux sets niceness per thread; raising it needs no privilege)."""
@@ -346,11 +380,7 @@ def _yield_cpu() -> None:
 
 def _arena_bounded_run(model: ServedModel, max_batch: int) -> Callable:
     """model.run, with onnxruntime's arena shrunk after a run larger than any full batch of fixed-size rows."""
-    import math
-
     import onnxruntime as ort
-
-    from bmc.serve_edge.codec import V2_TO_NUMPY
 
     row_bytes = sum(
         math.prod(d or 1 for d in spec.dims[1:]) * V2_TO_NUMPY[spec.datatype].itemsize for spec in model.inputs if spec.datatype in V2_TO_NUMPY

@@ -45,6 +45,7 @@ ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener
 LINGER_S = 5.0
 LINGER_BYTES = 4 * 1024 * 1024  # and at most this much: a client that keeps sending gets the reset
 LARGE_BODY_BYTES = 1 << 16  # larger response bodies are written apart from their headers (no copy)
+ASK_APP_ABOVE_BYTES = 1 << 20  # larger declared bodies are shown to the server's body_limit before they are read
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -245,9 +246,13 @@ class HttpConnection(asyncio.Protocol):
         expect_continue = False
         for name, value in request.headers:
             if name == b"content-length":
-                # llhttp has checked it is all digits
-                if int(value) > self.limits.max_body_bytes:
-                    self._stop(413, f"the body is {int(value)} bytes; at most {self.limits.max_body_bytes} are accepted (--max-body-bytes)")
+                declared = int(value)  # llhttp has checked it is all digits
+                if declared > self.limits.max_body_bytes:
+                    self._stop(413, f"the body is {declared} bytes; at most {self.limits.max_body_bytes} are accepted (--max-body-bytes)")
+                if declared > ASK_APP_ABOVE_BYTES and self.server.body_limit is not None:
+                    refusal = self.server.body_limit(request.method, request.raw_path, request.headers, declared)
+                    if refusal is not None:
+                        self._stop(413, refusal)
             elif name == b"expect":
                 expect_continue = value.lower() == b"100-continue"
         self.phase = BODY
@@ -479,8 +484,11 @@ class HttpServer:
     """Accepts connections on a listening socket and runs an ASGI app's http scope for each request."""
 
     def __init__(self, app, limits: HttpLimits, ssl_context: ssl.SSLContext | None = None,
-                 on_refused: Callable[[str], None] | None = None):
+                 on_refused: Callable[[str], None] | None = None, body_limit: Callable | None = None):
         self.app = app
+        # body_limit(method, raw_path, headers, declared_bytes) -> None, or why that body is too large
+        # for its route (413 before it is read); asked only for bodies over ASK_APP_ABOVE_BYTES.
+        self.body_limit = body_limit
         self.limits = limits
         self.ssl_context = ssl_context
         # Called with the status code of each refusal, "evicted" or "connection_limit": for the metrics.

@@ -54,7 +54,7 @@ def run_server(config: ServeConfig) -> int:
         header_timeout_s=config.header_timeout_s,
         body_timeout_s=config.body_timeout_s,
     )
-    http_server = HttpServer(app, limits, ssl_context, on_refused=metrics.http_refused)
+    http_server = HttpServer(app, limits, ssl_context, on_refused=metrics.http_refused, body_limit=app.body_too_large)
     metrics.count_connections(lambda: http_server.open)
     listener = _listen(config.host, config.port)
     port = listener.getsockname()[1]
