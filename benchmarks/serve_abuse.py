@@ -48,8 +48,10 @@ HOST = b"Host: 127.0.0.1\r\n"
 async def _status(reader: asyncio.StreamReader, timeout_s: float = 60) -> str:
     try:
         line = await asyncio.wait_for(reader.readline(), timeout_s)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
+    except asyncio.TimeoutError:
         return "no answer"
+    except (ConnectionError, OSError):
+        return "reset"  # the server answered and closed while the request was still being sent
     return line.split(b" ")[1].decode() if line.startswith(b"HTTP/1.1 ") else "closed"
 
 
@@ -67,7 +69,7 @@ async def _send_and_read_status(port: int, parts, counts: Counter) -> None:
             await writer.drain()
     except (ConnectionError, OSError):
         pass  # answered and closed before the request ended
-    counts[await _status(reader, 5)] += 1
+    counts[await _status(reader, 120)] += 1
     writer.close()
 
 
@@ -131,17 +133,9 @@ async def _stalled_upload(port: int, stop: threading.Event, counts: Counter) -> 
 
 
 async def _post_loop(port: int, stop: threading.Event, counts: Counter, path: str, body: bytes, headers: bytes = b"") -> None:
+    head = b"POST %s HTTP/1.1\r\n" % path.encode() + HOST + headers + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
     while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST %s HTTP/1.1\r\n" % path.encode() + HOST + headers + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
-            writer.write(body)
-            await writer.drain()
-            counts[await _status(reader, 120)] += 1
-            writer.close()
-        except (ConnectionError, OSError):
-            counts["refused"] += 1
-            await asyncio.sleep(0.05)
+        await _send_and_read_status(port, [head, body], counts)
 
 
 def _png(width: int, height: int) -> bytes:

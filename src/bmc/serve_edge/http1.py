@@ -42,8 +42,8 @@ ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener
 # After a refusal, what the client still sends is read and dropped this long before closing (nginx's
 # lingering close): closing with unread data sends a reset, which can destroy the refusal before the
 # client, still sending its request, gets to read it.
-LINGER_S = 5.0
-LINGER_BYTES = 4 * 1024 * 1024  # and at most this much: a client that keeps sending gets the reset
+LINGER_S = 2.0
+LINGER_BYTES = 256 * 1024  # the rest of a request line or headers; a client still uploading megabytes gets the reset
 LARGE_BODY_BYTES = 1 << 16  # larger response bodies are written apart from their headers (no copy)
 ASK_APP_ABOVE_BYTES = 1 << 20  # larger declared bodies are shown to the server's body_limit before they are read
 ASGI = {"version": "3.0", "spec_version": "2.3"}
