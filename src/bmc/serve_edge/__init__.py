@@ -64,7 +64,7 @@ class ServeConfig:
     threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
     providers: str = "cpu"
     exit_timeout_s: float = 30.0  # Triton's default grace period
-    # One client must not hurt the others (http1.py): connections, header size, read deadlines, rows.
+    # One client must not hurt the others (http1.py, http_server.py): connections, header size, read deadlines, rows.
     max_connections: int = 1024  # lowered to what the descriptor limit (ulimit -n) leaves
     max_header_bytes: int = 16 * 1024
     header_timeout_s: float = 10.0

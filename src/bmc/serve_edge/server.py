@@ -26,7 +26,8 @@ def run_server(config: ServeConfig) -> int:
     SIGTERM/SIGINT. 0 after a clean drain; a model that fails to load stops the server with its error."""
     from bmc.serve_edge.access import Admission, is_loopback, read_token, tls_context
     from bmc.serve_edge.app import ServeApp
-    from bmc.serve_edge.http1 import HttpLimits, HttpServer
+    from bmc.serve_edge.http1 import HttpLimits
+    from bmc.serve_edge.http_server import HttpServer
     from bmc.serve_edge.integrity import read_verified_model
     from bmc.serve_edge.metrics import ServeMetrics
     from bmc.serve_edge.models import load_model
