@@ -249,36 +249,89 @@ class Report:
         return table
 
     def write_plot(self, path: Path) -> None:
-        """Latency against size, one point per model labelled with its accuracy (needs matplotlib)."""
+        """Latency against size on log axes: a colour per file, a marker per batch size, a fill per
+        runtime; each file labelled once with its short name and accuracy (needs matplotlib)."""
         matplotlib = require_matplotlib()
         matplotlib.use("Agg")
         from matplotlib import pyplot
+        from matplotlib.lines import Line2D
 
-        batch_size = next((b for b in self.batch_sizes if any(m.timing(b) for m in self.models)), None)
-        if batch_size is None:
+        timed = [m for m in self.models if m.timings]
+        if not timed:
             raise BmcError("nothing to plot: no model produced a timing")
-        figure, axes = pyplot.subplots(figsize=(6.4, 4.4))
-        for model, label in zip(self.models, self.column_names()):
-            timing = model.timing(batch_size)
-            if timing is None:
-                continue
+        # Sizes and latencies of a pruned, quantized and original model span orders of magnitude:
+        # on linear axes the small ones sit on one dot at the origin.
+        figure, axes = pyplot.subplots(figsize=(7.2, 4.8))
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        files = list(dict.fromkeys(m.facts.path for m in timed))
+        names = dict(zip(files, short_names(files)))
+        colours = {f: pyplot.cm.tab10(i % 10) for i, f in enumerate(files)}
+        markers = dict(zip(self.batch_sizes, "o^sDvP*X"))
+        runtimes = list(dict.fromkeys(m.runtime_label for m in timed))
+        hollow = {r: i % 2 == 1 for i, r in enumerate(runtimes)}  # a second runtime drawn hollow
+        labelled: set[str] = set()
+        for model in timed:
             size_mb = model.facts.size_bytes / 1e6
-            axes.scatter([size_mb], [timing.latency_ms_median])
+            colour = colours[model.facts.path]
+            for timing in model.timings:
+                axes.scatter(
+                    [size_mb], [timing.latency_ms_median], marker=markers.get(timing.batch_size, "o"), s=46,
+                    facecolors="none" if hollow[model.runtime_label] else [colour], edgecolors=[colour], linewidths=1.4,
+                )
+            if model.facts.path in labelled:
+                continue
+            labelled.add(model.facts.path)
+            label = names[model.facts.path]
             if model.quality and model.quality.accuracy is not None:
-                label += f" ({model.quality.accuracy:.2%})"
+                label += f" {model.quality.accuracy:.1%}"
             elif model.quality and model.quality.r2 is not None:
-                label += f" (R² {model.quality.r2:.3f})"
-            axes.annotate(label, (size_mb, timing.latency_ms_median), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        axes.margins(0.2)  # room for the labels of the outermost points
-        axes.set_xlabel("model size (MB)")
-        axes.set_ylabel(f"median latency at batch {batch_size} (ms)")
+                label += f" R² {model.quality.r2:.3f}"
+            first = model.timings[0]
+            # Neighbouring files often sit at one latency: alternate above and below the point.
+            below = len(labelled) % 2 == 0
+            axes.annotate(
+                label, (size_mb, first.latency_ms_median), textcoords="offset points", xytext=(7, -13 if below else 6),
+                fontsize=8, color=colour,
+            )
+        legend = [Line2D([], [], marker=markers.get(b, "o"), linestyle="", color="0.3", label=f"batch {b}") for b in self.batch_sizes]
+        if len(runtimes) > 1:
+            legend += [
+                Line2D([], [], marker="o", linestyle="", color="0.3", markerfacecolor="none" if hollow[r] else "0.3",
+                       label=f"{'hollow' if hollow[r] else 'filled'}: {r}")
+                for r in runtimes
+            ]
+        axes.legend(handles=legend, fontsize=8, loc="best")
+        axes.margins(0.25)  # room for the labels of the outermost points
+        axes.set_xlabel("model size (MB, log)")
+        axes.set_ylabel("median latency (ms, log)")
         axes.set_title(f"bmc bench on {self.config.get('device', 'cpu')}")
-        axes.grid(True, alpha=0.3)
+        axes.grid(True, which="both", alpha=0.25)
         buffer = io.BytesIO()
         figure.tight_layout()
         figure.savefig(buffer, format="png", dpi=120)
         pyplot.close(figure)
         atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def short_names(paths: list) -> list[str]:
+    """Short distinct labels: each file's stem; where stems repeat, the shallowest file keeps it and
+    the others take the folder that tells them apart (model.onnx and its pruned-run/model.onnx: 'model', 'pruned-run')."""
+    stems = [Path(p).stem for p in paths]
+    names = list(stems)
+    for stem in set(stems):
+        same = [i for i, s in enumerate(stems) if s == stem]
+        if len(same) < 2:
+            continue
+        keeper = min(same, key=lambda i: len(Path(paths[i]).parts))
+        for index in same:
+            parts = Path(paths[index]).with_suffix("").parts
+            if index != keeper:
+                names[index] = parts[-2] if len(parts) > 1 else parts[-1]
+        repeated = [i for i in same if [names[j] for j in same].count(names[i]) > 1]
+        for index in repeated:  # two folders of one name: the whole path tells them apart
+            names[index] = str(Path(paths[index]).with_suffix(""))
+    return names
 
 
 def require_matplotlib():
