@@ -30,7 +30,6 @@ step unpack 60 bash -c "mkdir -p $data && tar xzf .whl/cifar/cifar10-jpeg.tar.gz
   $py -c 'from bmc.data import DataConfig, load_dataset; d = load_dataset(DataConfig(name=\"imagefolder\", data_dir=\"$data\")); print(d.train_x.shape)'"
 
 # Issue 6: serving resnet20 on CUDA, batching on and off, clients spread over 4 processes.
-step cuda-shape-switch 60 $py benchmarks/cuda_shape_switch.py --out "$out/cuda_shape_switch.json"
 step serve-load 120 $py benchmarks/serve_load.py --providers cuda --models resnet20 --servers bmc,bmc-nobatch \
   --client-processes 4 --seconds 3 --out "$out/serve_load_cuda.json"
 
@@ -38,9 +37,9 @@ step serve-load 120 $py benchmarks/serve_load.py --providers cuda --models resne
 # without CUDA graphs), MFU against the measured bf16 peak; then one real epoch of train() profiled.
 step train-throughput 240 $py benchmarks/train_throughput.py --device cuda --model resnet18 --batch-sizes 512 --epochs 3 \
   --compile-modes default,reduce-overhead --documents-images 5120 --data-dir $data --out "$out/train_throughput_cuda.json"
-step train-epoch-profile 100 $py benchmarks/train_epoch_profile.py --device cuda --model resnet18 --batch-size 512 \
+step train-epoch-profile 100 $py tools/train_epoch_profile.py --device cuda --model resnet18 --batch-size 512 \
   --data-dir $data --out "$out/train_epoch_profile_cuda.json"
-step train-step-profile 60 $py benchmarks/train_step_profile.py --device cuda --out "$out/train_step_profile_cuda.json"
+step train-step-profile 60 $py tools/train_step_profile.py --device cuda --out "$out/train_step_profile_cuda.json"
 
 if [ "${1:-}" = "--open" ]; then
     step gpu-tests 60 $py -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_bench.py -k "cuda" -x

@@ -74,7 +74,7 @@ def serving_buckets(device: str, can_merge: bool, max_batch: int, model_bytes: i
     """The batch sizes the batcher pads to on CUDA: powers of 4 up to max_batch, and max_batch; none elsewhere.
 
     onnxruntime's CUDA provider rebuilds its convolutions' cuDNN set-up whenever a session's input
-    shape changes, even to a shape it ran before (H100, resnet20, `benchmarks/cuda_shape_switch.py`:
+    shape changes, even to a shape it ran before (H100, resnet20, measured by a retired script, see docs/experiments.md:
     0.54-0.81 ms per run at a steady batch size; 245 ms at every change with the exhaustive
     search, 46 ms with the heuristic one). A batcher changes shape all the time, so each bucket gets
     its own session, which only ever sees its one shape. Padding costs little on a GPU, where

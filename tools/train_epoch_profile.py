@@ -1,6 +1,6 @@
 """Where a real `bmc train` epoch's wall time goes: torch.profiler around one whole epoch of train().
 
-    python benchmarks/train_epoch_profile.py --data-dir DIR --device cuda --model resnet18 --batch-size 512
+    python tools/train_epoch_profile.py --data-dir DIR --device cuda --model resnet18 --batch-size 512
 
 train_step_profile.py times bmc's pieces alone; this runs train() itself (data set, schedule,
 metrics, checkpoints) and profiles its last epoch through the progress hooks the CLI uses, so
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # common.py: results and tables
 from common import cifar_tree, print_table, write_results  # noqa: E402
 
 from bmc.data import DataConfig  # noqa: E402

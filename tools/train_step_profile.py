@@ -1,6 +1,6 @@
 """Where a training step's time goes: bmc's step timed with and without its data pipeline, and its top kernels.
 
-    python benchmarks/train_step_profile.py --device cuda --model resnet18 --batch-size 512
+    python tools/train_step_profile.py --device cuda --model resnet18 --batch-size 512
 
 Uses bmc's own pieces (model registry, batched augmentation, normalizer, precision and memory-format
 choices as `bmc train` makes them on that device) on random uint8 CIFAR-shaped images, so no data set
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # common.py: results and tables
 from common import print_table, write_results  # noqa: E402
 
 from bmc.data import Augmentation, Normalization  # noqa: E402
