@@ -132,7 +132,7 @@ class OpenVinoRuntime(Runtime):
     # "auto" is the CPU: OpenVINO's GPU and NPU plugins are not validated by bmc yet.
     devices = ("cpu", "auto")
     precisions = PRECISIONS
-    options = ("performance_hint", "streams")
+    options = ("performance_hint", "streams", "memory_only")
 
     def problem(self) -> str | None:
         try:
@@ -167,13 +167,27 @@ class OpenVinoRuntime(Runtime):
         }
 
     def open(
-        self, model: Path | ModelBytes, target: Target, performance_hint: str = "latency", streams: int | None = None
+        self,
+        model: Path | ModelBytes,
+        target: Target,
+        performance_hint: str = "latency",
+        streams: int | None = None,
+        memory_only: bool = False,
     ) -> OpenVinoSession:
-        """Read the ONNX model, compile it for the CPU with the target's precision and threads."""
+        """Read the ONNX model, compile it for the CPU with the target's precision and threads.
+
+        memory_only: the model's bytes must never be written anywhere (a model decrypted in memory):
+        one OpenVINO could read only from a file (needs_file_copy) is refused instead.
+        """
         if performance_hint not in PERFORMANCE_HINTS:
             raise UsageError(f"performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}; got {performance_hint!r}")
         if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
             raise UsageError(f"streams must be a positive integer or None; got {streams!r}")
+        if memory_only and isinstance(model, ModelBytes) and needs_file_copy(model):
+            raise UnsupportedModelError(
+                f"{model}: openvino reads a model of {model.size_bytes / 2**30:.1f} GiB from files only, and this one "
+                "must not touch the disk (it was decrypted in memory); run it on onnxruntime"
+            )
         here = self.precisions_here("cpu")
         if target.precision not in here:
             raise SessionError(f"{model}: openvino has no {target.precision} on this CPU; its precisions here: {', '.join(here)}")
@@ -253,11 +267,17 @@ def _readable(model: Path | ModelBytes) -> Iterator[str | bytes]:
         return
     # OpenVINO reads ONNX external data from files only, and from bytes it would look for them
     # relative to the working directory: inlined, the bytes that were read need no file at all.
-    if len(model.model) + sum(len(data) for data in model.external_data.values()) < PROTOBUF_LIMIT_BYTES:
+    if not needs_file_copy(model):
         yield inline_external_data(model).SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="bmc-openvino-") as folder:  # mode 0700: this user only
         yield str(_write_private_copy(model, Path(folder)))
+
+
+def needs_file_copy(model: ModelBytes) -> bool:
+    """Whether OpenVINO can read this model only from a file: with its data inlined it would pass
+    protobuf's 2 GiB, and OpenVINO takes ONNX external data from files alone."""
+    return len(model.model) + sum(len(data) for data in model.external_data.values()) >= PROTOBUF_LIMIT_BYTES
 
 
 def inline_external_data(model: ModelBytes):
