@@ -27,7 +27,7 @@ from bmc.export import ExportConfig, export
 from bmc.manifest import manifest_of_files, manifest_path, read_manifest, write_manifest
 from bmc.runtime.model_file import ModelFileError, open_model
 from bmc.sealed import MAGIC, SealedError, load_key, new_key, seal_files, unseal
-from bmc.serve_edge import integrity
+from bmc.serve_edge import ServeConfig, integrity
 from bmc.serve_edge.integrity import IntegrityError
 from conftest import assert_one_line_error, run_bmc
 
@@ -191,18 +191,19 @@ def test_a_file_swapped_between_verification_and_session_creation_is_not_what_ru
     digest = read_manifest(good).model_sha256
     x = np.ones((1, WIDTH), np.float32)
     expected = _reference(good, x)
-    real_create_session = models.create_session
+    real_open_session = models.open_session
     swaps = []
 
-    def swap_then_create(*args, **kwargs):
+    def swap_then_open(*args, **kwargs):
         # The attacker's best moment: the file was verified, the session is not made yet.
         if not swaps:
             os.replace(evil, good)
             swaps.append(1)
-        return real_create_session(*args, **kwargs)
+        return real_open_session(*args, **kwargs)
 
-    monkeypatch.setattr(models, "create_session", swap_then_create)
-    loaded = models.load_model(good, "model", digest, threads=1, device="cpu")
+    monkeypatch.setattr(models, "open_session", swap_then_open)
+    verified = integrity.read_verified_model(good, digest)
+    loaded = models.load_model(verified, "model", ServeConfig(models=(good,), threads=1))
     assert swaps, "the hook never ran: the test would prove nothing"
     assert hashlib.sha256(good.read_bytes()).hexdigest() != digest  # the file on disk is the swapped one
     np.testing.assert_array_equal(loaded.run({"input": x})["output"], expected)
@@ -462,5 +463,5 @@ def test_the_sealed_format_authenticates_model_data_and_header_together(tmp_path
     from bmc.serve_edge.models import load_model
 
     x = np.ones((1, WIDTH), np.float32)
-    served = load_model(verified, "sealed", None, threads=1, device="cpu")
+    served = load_model(verified, "sealed", ServeConfig(models=(target,), threads=1))
     np.testing.assert_array_equal(served.run({"input": x})["output"], _reference(model, x))

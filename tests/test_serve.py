@@ -24,6 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bmc.artifact import write_sidecar_sha256
 from bmc.runtime.sessions import cuda_works
+from bmc.serve_edge import ServeConfig
+from bmc.serve_edge.integrity import read_verified_model
 from conftest import run_bmc
 
 SLOW_DIM = 2048
@@ -465,16 +467,20 @@ def test_each_bucket_runs_on_its_own_session_and_agrees_with_the_others(models):
     # Large models keep fewer copies of their weights on the GPU: batch 1 and the largest, or the largest alone.
     assert serving_buckets("cuda", True, 32, model_bytes=400 << 20) == (1, 32)
     assert serving_buckets("cuda", True, 32, model_bytes=1600 << 20) == (32,)
-    model = load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4, buckets=(1, 4))
-    assert model.buckets == (1, 4)
-    one, four = model.bucket_sessions[1], model.bucket_sessions[4]
-    assert one is not four and four is model.session  # the largest bucket's session takes other shapes
+    config = ServeConfig(models=(models["digits"],), threads=1, max_batch=4)
+    verified = read_verified_model(models["digits"])
+    model = load_model(verified, "digits", config, buckets=(1, 4))
+    assert model.buckets == (1, 4) and len(model.sessions) == 2
+    one, four = model.sessions
+    assert one is not four and one.session is not four.session
     rng = np.random.default_rng(0)
+    # The largest bucket's session also takes other shapes.
     for rows, expected_session in ((1, one), (4, four), (3, four), (9, four)):
         x = rng.standard_normal((rows, 1, 8, 8)).astype(np.float32)
-        assert model.session_for({"input": x}) is expected_session
+        assert model.sessions[model.session_index({"input": x})] is expected_session
         np.testing.assert_allclose(model.run({"input": x})["output"], _reference(models["digits"], x), rtol=1e-5, atol=1e-5)
-    assert load_model(models["digits"], "digits", None, threads=1, device="cpu", max_batch=4).bucket_sessions == {}
+    unbucketed = load_model(verified, "digits", config)
+    assert unbucketed.buckets == () and len(unbucketed.sessions) == 1
 
 
 @pytest.mark.skipif(
@@ -483,10 +489,11 @@ def test_each_bucket_runs_on_its_own_session_and_agrees_with_the_others(models):
 def test_on_cuda_every_bucket_gets_its_own_gpu_session(models):
     from bmc.serve_edge.models import load_model
 
-    model = load_model(models["digits"], "digits", None, threads=1, device="cuda", max_batch=8)
+    config = ServeConfig(models=(models["digits"],), threads=1, providers="cuda", max_batch=8)
+    model = load_model(read_verified_model(models["digits"]), "digits", config)
     assert model.device == "cuda" and model.buckets == (1, 4, 8)
-    sessions = [model.bucket_sessions[size] for size in model.buckets]
-    assert len({id(s) for s in sessions}) == 3 and all("CUDAExecutionProvider" in s.get_providers() for s in sessions)
+    sessions = model.sessions
+    assert len({id(s.session) for s in sessions}) == 3 and all("CUDAExecutionProvider" in s.providers for s in sessions)
     x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(model.run({"input": x})["output"], _reference(models["digits"], x), rtol=1e-3, atol=1e-3)
 

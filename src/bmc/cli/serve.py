@@ -22,8 +22,14 @@ def serve_command(
     sha256: Optional[List[str]] = typer.Option(None, "--sha256", help="Expected sha256, once per model in order (default: MODEL.onnx.sha256)."),
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="Ed25519 public key: every model must carry its signature MODEL.onnx.sig (bmc sign)."),
     decrypt_key_file: Optional[Path] = typer.Option(None, "--decrypt-key-file", help="AES-256 key: serve models encrypted with it (bmc export --encrypt-key-file), decrypted in memory only."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads per model (default: cores - 1)."),
-    providers: str = typer.Option("cpu", "--providers", help="onnxruntime execution providers: cpu, cuda or auto."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads per model (default: what its metadata chose, else cores - 1)."),
+    providers: str = typer.Option("cpu", "--providers", help="onnxruntime execution providers: cpu, cuda or auto (cuda/auto: every batch on onnxruntime)."),
+    runtime: Optional[str] = typer.Option(
+        None, "--runtime",
+        help="Serve every model on this runtime (onnxruntime, openvino). Default: the runtime each model's metadata chose "
+             "per batch size (bmc compress), else onnxruntime; one not installed here falls back to onnxruntime with a warning.",
+    ),
+    precision: Optional[str] = typer.Option(None, "--precision", help="With --runtime: its float precision (fp32, or bf16/fp16 on OpenVINO where the CPU has it)."),
     exit_timeout: float = typer.Option(30.0, "--exit-timeout", help="Seconds to finish in-flight requests after SIGTERM."),
     max_connections: int = typer.Option(
         1024, "--max-connections",
@@ -65,6 +71,8 @@ def serve_command(
         decrypt_key_file=decrypt_key_file,
         threads=threads,
         providers=providers,
+        runtime=runtime,
+        precision=precision,
         exit_timeout_s=exit_timeout,
         max_connections=max_connections,
         max_header_bytes=max_header_bytes,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmc.errors import UsageError
+from bmc.runtime.target import Target
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # Triton's default request size limit
@@ -61,8 +62,11 @@ class ServeConfig:
     sha256: tuple[str, ...] = ()  # one per model, in order; default: each file's sidecar MODEL.onnx.sha256
     public_key: Path | None = None  # Ed25519: each model must carry MODEL.onnx.sig made with its private key
     decrypt_key_file: Path | None = None  # AES-256 key: every model must be encrypted with it (bmc export --encrypt-key-file)
-    threads: int | None = None  # onnxruntime intra-op threads per model; None: usable cores - 1
+    threads: int | None = None  # intra-op threads per model; None: the model's metadata's, else usable cores - 1
     providers: str = "cpu"
+    # Every model on this runtime (and precision) instead of the one its metadata names (serve_edge/targets.py).
+    runtime: str | None = None
+    precision: str | None = None
     exit_timeout_s: float = 30.0  # Triton's default grace period
     # One client must not hurt the others (http1.py, http_server.py): connections, header size, read deadlines, rows.
     max_connections: int = 1024  # lowered to what the descriptor limit (ulimit -n) leaves
@@ -107,6 +111,10 @@ class ServeConfig:
             _check_range("threads", self.threads, 1, 1024)
         if self.providers not in PROVIDER_CHOICES:
             raise UsageError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}; got {self.providers!r}")
+        if self.precision is not None and self.runtime is None:
+            raise UsageError("--precision goes with --runtime (each model's metadata names its own precision otherwise)")
+        if self.runtime is not None:
+            self.runtime_override  # an unknown runtime, a device or precision it lacks: UsageError naming what it has
         _check_range("max_connections", self.max_connections, 1, 1_000_000)
         _check_range("max_header_bytes", self.max_header_bytes, 1024, 1 << 20)
         _check_range("header_timeout_s", self.header_timeout_s, 0.01, 3600)
@@ -133,6 +141,17 @@ class ServeConfig:
     @property
     def intra_op_threads(self) -> int:
         return self.threads if self.threads is not None else _default_threads()
+
+    @property
+    def runtime_override(self) -> Target | None:
+        """The target --runtime (and --precision) put every model on; None when each model's metadata decides."""
+        if self.runtime is None:
+            return None
+        # --providers names onnxruntime's devices; another runtime asked for by name runs on the CPU.
+        if self.runtime != "onnxruntime" and self.providers != "cpu":
+            raise UsageError(f"--providers {self.providers} is onnxruntime's; --runtime {self.runtime} serves on the CPU")
+        device = self.providers if self.runtime == "onnxruntime" else "cpu"
+        return Target(self.runtime, device, self.precision or "fp32", self.intra_op_threads)
 
 
 def _check_range(field: str, value: float, low: float, high: float) -> None:

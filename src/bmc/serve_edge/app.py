@@ -101,11 +101,12 @@ class ServeApp:
                 max_delay_ms=self.config.max_delay_ms,
                 max_queue=self.config.max_queue,
                 can_merge=model.can_merge,
-                describe_error=_ort_reason,
+                describe_error=model.describe_error,
                 batch_buckets=model.buckets,
             )
             for name, model in models.items()
         }
+        self.metrics.count_executions(models)
         for batcher in self.batchers.values():
             batcher.start()
         self.models = models
@@ -168,7 +169,7 @@ class ServeApp:
         except DeadlineExceeded:
             status = await _error(send, 504, f"no result within --timeout-ms {self.config.timeout_ms:g}")
         except InferenceFailed as exc:
-            status = await _error(send, 400, f"onnxruntime rejected the inputs: {exc}")
+            status = await _error(send, 400, str(exc))  # "<runtime> rejected the inputs: <its reason>"
         except Exception as exc:  # a bug, not bad input: answer, log the type only (never the payload)
             log.error("%s %s failed: %s", scope["method"], route, type(exc).__name__)
             status = await _error(send, 500, "internal server error")
@@ -383,7 +384,10 @@ def _yield_cpu() -> None:
 
 
 def _arena_bounded_run(model: ServedModel, max_batch: int) -> Callable:
-    """model.run, with onnxruntime's arena shrunk after a run larger than any full batch of fixed-size rows."""
+    """model.run, with onnxruntime's arena shrunk after a run larger than any full batch of fixed-size rows
+    (on a batch that an onnxruntime session runs; OpenVINO's sessions have no such arena)."""
+    if not any(session.runtime == "onnxruntime" for session in model.sessions):
+        return model.run
     import onnxruntime as ort
 
     row_bytes = sum(
@@ -392,22 +396,21 @@ def _arena_bounded_run(model: ServedModel, max_batch: int) -> Callable:
     threshold = max(ARENA_SHRINK_ABOVE_BYTES, 2 * max_batch * row_bytes)
     shrink = ort.RunOptions()
     shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    names = list(model.output_names)
-
-    shrink_next = False  # the large run's outputs were still in use when it shrank: the next run frees them
+    run_model, session_index = model.run, model.session_index
+    # Sessions whose last run was large: its outputs were still in use when it shrank, the session's next run frees them.
+    shrink_next: set[int] = set()
 
     def run(feed: dict) -> dict:
-        nonlocal shrink_next
         large = sum(array.nbytes for array in feed.values()) > threshold
         if not large and not shrink_next:
-            return model.run(feed)
-        shrink_next = large
-        return dict(zip(names, model.session_for(feed).run(names, feed, shrink)))
+            return run_model(feed)
+        index = session_index(feed)
+        if large:
+            shrink_next.add(index)
+        elif index in shrink_next:
+            shrink_next.discard(index)
+        else:
+            return run_model(feed)
+        return run_model(feed, shrink)
 
     return run
-
-
-def _ort_reason(exc: Exception) -> str:
-    from bmc.runtime.sessions import ort_message
-
-    return ort_message(exc)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmc.manifest import IntegrityError, Manifest, manifest_path, read_manifest
-from bmc.runtime.model_file import ModelBytes, data_file_path, open_model_bytes
+from bmc.runtime.model_file import ModelBytes, TensorInfo, data_file_path, open_model_bytes
 
 __all__ = ["IntegrityError", "VerifiedModel", "read_verified_model", "verify_model_file"]
 
@@ -31,6 +31,9 @@ class VerifiedModel:
     held: ModelBytes  # external data keyed by location exactly as the model names it
     metadata_props: dict[str, str]
     encrypted: bool = False
+    # The graph's inputs and outputs as the file declares them: what serve checks before it listens.
+    inputs: tuple[TensorInfo, ...] = ()
+    outputs: tuple[TensorInfo, ...] = ()
 
 
 def read_verified_model(
@@ -71,7 +74,9 @@ def read_verified_model(
     del raw  # a sealed file's ciphertext is not needed once decrypted
     # The parsed copy the checks ran on is dropped here: for a one-file model it is as large as the model.
     checked = open_model_bytes(held)
-    return VerifiedModel(path, manifest.digest, manifest, checked.held, checked.metadata_props, sealed)
+    return VerifiedModel(
+        path, manifest.digest, manifest, checked.held, checked.metadata_props, sealed, checked.inputs, checked.outputs
+    )
 
 
 def verify_model_file(model_path: Path, given: str | None = None) -> str:

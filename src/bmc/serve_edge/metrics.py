@@ -7,6 +7,7 @@ from a client's URL, so a scan of made-up model names cannot grow the series wit
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bmc.serve_edge.triton import ModelStatistics
@@ -79,6 +80,10 @@ class ServeMetrics:
     def http_refused(self, reason: str) -> None:
         self._refusals.labels(reason).inc()
 
+    def count_executions(self, models: dict) -> None:
+        """Report each loaded model's runs by the runtime and target that ran them (bmc_serve_executions_total)."""
+        self.registry.register(_ExecutionCollector(models))
+
     def count_connections(self, open_connections) -> None:
         """Read the number of open connections from `open_connections()` at each scrape."""
         self._open_connections.set_function(open_connections)
@@ -98,3 +103,28 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ExecutionCollector:
+    """Runs per model, runtime and target, read at each scrape from the counts the models keep
+    (models.ServedModel.executions): which runtime really ran the batches, where the metadata picks one per batch size."""
+
+    def __init__(self, models: dict):
+        self.models = models
+
+    def describe(self) -> list:
+        return []  # nothing to check for clashes at registration: the name is this module's own
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "bmc_serve_executions", "Model runs (batches) completed, by the runtime and target (runtime, precision, threads) that ran them.",
+            labels=["model", "runtime", "target"],
+        )
+        for name, model in self.models.items():
+            counts: dict[tuple[str, str], int] = {}
+            for session, runs in zip(model.sessions, list(model.executions)):
+                key = (session.runtime, session.target.label)
+                counts[key] = counts.get(key, 0) + runs
+            for (runtime, label), runs in counts.items():
+                family.add_metric([name, runtime, label], runs)
+        yield family

@@ -30,19 +30,29 @@ def run_server(config: ServeConfig) -> int:
     from bmc.serve_edge.http_server import HttpServer
     from bmc.serve_edge.integrity import read_verified_model
     from bmc.serve_edge.metrics import ServeMetrics
-    from bmc.serve_edge.models import load_model
+    from bmc.serve_edge.models import check_servable, load_model
+    from bmc.serve_edge.targets import check_runtime_override, plan_serving
 
+    check_runtime_override(config)  # --runtime not installed here: one line before any model is read
     # Every model's files are read once and verified (sha256 manifest, signature, decryption, ONNX
     # checks) before the server listens: a tampered file stops it at once. Loading builds the
     # sessions from these same bytes, so a file swapped after this point is never what runs.
     verified = _read_verified_models(config, read_verified_model)
+    # What can be decided from the files is decided before listening too: a type the protocol cannot
+    # carry, and which runtime serves which batch size (warnings where the metadata's choice cannot be followed).
+    plans = {}
+    for name, model in verified.items():
+        check_servable(model)
+        plans[name] = plan_serving(name, model, config)
+        for note in plans[name].notes:
+            log.warning("%s", note)
     ssl_context = tls_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
     def load_models() -> dict:
         # Each model's bytes are let go once its sessions hold the weights.
         return {
-            name: load_model(verified.pop(name), name, None, config.intra_op_threads, config.providers, config.max_batch)
+            name: load_model(verified.pop(name), name, config, plans[name])
             for name in config.model_names
         }
 
@@ -75,7 +85,7 @@ def run_server(config: ServeConfig) -> int:
         for name, model in models.items():
             log.info(
                 "serving %s (%s, sha256 %s ok, %s, batch <= %d) on %s://%s:%d/v2/models/%s",
-                name, model.path, model.sha256[:12], model.device, config.max_batch if model.can_merge else 1,
+                name, model.path, model.sha256[:12], _runs_on(model), config.max_batch if model.can_merge else 1,
                 scheme, config.host, port, name,
             )
 
@@ -109,6 +119,14 @@ async def _serve(app, http_server, listener: socket.socket, exit_timeout_s: floa
     await stop.wait()
     await http_server.shutdown(exit_timeout_s)
     await lifespan.shutdown()
+
+
+def _runs_on(model) -> str:
+    """Where a model's batches run, for the log: "onnxruntime on cpu", "batch 1-5 onnxruntime, 6+ openvino on cpu"."""
+    described = model.plan.describe()
+    if len(described) == 1:
+        return f"{next(iter(described.values()))} on {model.device}"
+    return "batch " + ", ".join(f"{rows} {label}" for rows, label in described.items()) + f" on {model.device}"
 
 
 def _read_verified_models(config: ServeConfig, read_verified_model) -> dict:

@@ -10,6 +10,7 @@ bmc serve speaks these extensions; it does not call itself Triton (the server me
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 
@@ -136,8 +137,8 @@ def model_config(model, max_batch: int, max_delay_ms: float) -> dict:
 
     config: dict = {
         "name": model.name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
+        "platform": model.platform,
+        "backend": model.runtime,
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": max_batch if batching else 0,
         "input": [
@@ -160,7 +161,9 @@ def model_config(model, max_batch: int, max_delay_ms: float) -> dict:
         "batch_output": [],
         "instance_group": [{"name": model.name, "kind": "KIND_GPU" if model.device == "cuda" else "KIND_CPU", "count": 1}],
         "default_model_filename": model.path.name,
-        "parameters": {},
+        # Which runtime runs which batch sizes ({"1-5": "onnxruntime 1 thread", "6+": "openvino"}), as a
+        # ModelParameter: Triton's configuration has one platform per model, bmc may use two.
+        "parameters": {"bmc_runtime_targets": {"string_value": json.dumps(model.plan.describe())}},
     }
     if batching and max_batch > 1:
         config["dynamic_batching"] = {
