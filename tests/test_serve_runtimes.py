@@ -308,6 +308,30 @@ def test_a_model_bmc_cannot_serve_stops_it_before_it_listens(cnns, tmp_path, mak
 
 
 @needs_openvino
+def test_an_encrypted_model_on_both_runtimes_leaves_nothing_in_tmpdir_or_home(cnns, tmp_path):
+    key_path = new_key(tmp_path / "model.key")
+    sealed = tmp_path / "sealed" / "mixed.onnx"
+    sealed.parent.mkdir()
+    digest = seal_files(sealed, [("model.onnx", cnns["mixed"])], load_key(key_path))
+    scratch, home = tmp_path / "tmp", tmp_path / "home"
+    scratch.mkdir()
+    home.mkdir()
+    served = Server(
+        str(sealed), "--sha256", digest, "--decrypt-key-file", str(key_path), "--max-batch", "32", "--threads", "1",
+        env={"TMPDIR": str(scratch), "HOME": str(home)},
+    )
+    try:
+        x = np.random.default_rng(5).standard_normal((32, 3, 8, 8)).astype(np.float32)
+        _infer(served, "mixed", x[:1])
+        _infer(served, "mixed", x)
+        assert _executions(served, "mixed") == {"onnxruntime": 1.0, "openvino": 1.0}
+    finally:
+        served.stop()
+    # Not onnxruntime's telemetry (.ses, ~/.cache/Microsoft), not OpenVINO, not a decrypted copy.
+    assert list(scratch.rglob("*")) == [] and list(home.rglob("*")) == []
+
+
+@needs_openvino
 def test_openvino_never_reads_a_decrypted_model_from_a_file(tmp_path, monkeypatch):
     """A model past protobuf's 2 GiB reaches OpenVINO only through a file: for one decrypted in memory,
     serve refuses OpenVINO (named by --runtime) or keeps it on onnxruntime (named by its metadata).

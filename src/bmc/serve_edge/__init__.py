@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,26 @@ def _check_range(field: str, value: float, low: float, high: float) -> None:
 
 def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean shutdown)."""
+    _quiet_runtime_telemetry()
     from bmc.serve_edge.server import run_server
 
     return run_server(config)
+
+
+def _quiet_runtime_telemetry() -> None:
+    """Keep the runtimes' usage telemetry out of a server, which writes nothing it need not (and may
+    hold decrypted models): called before either runtime is imported in this process.
+
+    onnxruntime 1.31 (Linux) writes $TMPDIR/.ses and a database under ~/.cache/Microsoft as soon as it
+    is imported; onnxruntime.disable_telemetry_events() comes too late to stop that, the variable it
+    reads at import does (a value the user set stays). `import openvino` (2026.4) imports its model
+    converter, which sends an "import" event through the openvino_telemetry package and writes
+    ~/intel/openvino_ga_cid unless a consent file says no; with that package unimportable (None in
+    sys.modules) the converter uses its own no-op stub instead.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
 
 
 __all__ = ["ServeConfig", "serve", "DEFAULT_HOST", "DEFAULT_MAX_BODY_BYTES"]
