@@ -185,13 +185,20 @@ def test_npy_arrays_in_a_file_or_a_folder_calibrate_as_they_are(foreign, workdir
     assert second.stage(QuantizeResult).calibration.samples == 13 and _metadata(second.result).input_shape == (3, 40, 40)
 
 
-def test_synthetic_calibrates_a_1000_class_model_for_speed_only_and_warns(foreign, workdir):
-    report = compress(CompressConfig(source=foreign / "cnn1000.onnx", out=workdir / "c",
-                                     quantization=dataclasses.replace(QUICK, calib_data="synthetic")))
+def test_synthetic_calibrates_a_bare_1000_class_export_for_speed_only_and_warns(workdir):
+    # `bmc export --model ARCH` of an untrained architecture: bmc metadata with placeholder
+    # preprocessing, 1000 class_N names and no data set, as the r18.onnx.
+    from bmc.export import ExportConfig, export
+
+    source = export(ExportConfig(model="seed-cifar-cnn", input_size=32, num_classes=1000, out=workdir / "bare.onnx", verify_samples=4)).path
+    placeholder = _metadata(source)
+    assert not placeholder.dataset and len(placeholder.class_names) == 1000
+    report = compress(CompressConfig(source=source, out=workdir / "c", quantization=dataclasses.replace(QUICK, calib_data="synthetic")))
     inputs = _inputs(report)
     assert inputs.data == "synthetic" and not inputs.accuracy_measured and "random images" in inputs.accuracy_not_measured
     assert report.stage(QuantizeResult).calibration.data == "synthetic" and all(row.accuracy is None for row in report.summary)
     assert any(n.startswith("int8 is calibrated on random images") for n in report.notes)
+    assert _metadata(report.result).class_names == placeholder.class_names  # nothing scored: the names stay as they were
 
 
 def test_a_foreign_model_with_no_data_named_compresses_on_random_images_and_the_cli_says_accuracy_was_not_measured(foreign, workdir):
