@@ -17,6 +17,10 @@ from bmc.errors import BmcError, DataError
 from bmc.runtime.metadata import ModelMetadata
 from bmc.runtime.preprocess import EVAL_BATCH, Preprocessing, eval_batch_size, fold_normalization, preprocess
 
+# The key of a model's normalization (metadata) that says who gave it, where no data set names it:
+# written by bmc compress for an ONNX file bmc did not write (its --mean/--std/--scale, or what it assumed).
+GIVEN_BY = "given_by"
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -137,8 +141,9 @@ def _normalization_arrays(model_name: str, metadata: ModelMetadata, dataset: Dat
     width = dataset.input_shape[0] if image else dataset.input_shape[-1]
     norm = metadata.normalization
     # A model exported from a bare architecture records placeholder preprocessing and no data set;
-    # the data set's own normalization is then the only meaningful one.
-    if not metadata.dataset or not norm:
+    # the data set's own normalization is then the only meaningful one. One that bmc compress was
+    # told (or assumed, and said so) for a model bmc did not write is the model's own.
+    if not norm or not (metadata.dataset or norm.get(GIVEN_BY)):
         norm = dataset.normalization.to_dict()
     try:
         return fold_normalization(norm, width, image)

@@ -11,6 +11,7 @@ import typer
 from bmc.compress.prune.strategies import get_strategy, strategy_names
 
 PRUNING, TRAINING, QUANTIZATION, OUTPUT = "Pruning", "Training after the change", "Quantization", "Output"
+CALIBRATION = "Calibration data and preprocessing"
 STRATEGY_HELP = "; ".join(f"{name}: {get_strategy(name).help}" for name in strategy_names())
 
 
@@ -46,10 +47,31 @@ def compress_command(
     ),
     target: str = typer.Option("cpu", "--target", help="cpu or cuda: where the model will run, and is timed.", rich_help_panel=QUANTIZATION),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Largest accepted accuracy loss, in points.", rich_help_panel=QUANTIZATION),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Data set for calibration and accuracy (default: the model's).", rich_help_panel=QUANTIZATION),
-    calib_data_dir: Optional[Path] = typer.Option(None, "--calib-data-dir", help="Where that data set lives.", rich_help_panel=QUANTIZATION),
-    calib_samples: int = typer.Option(512, "--calib-samples", help="Training samples used for calibration.", rich_help_panel=QUANTIZATION),
-    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, entropy or percentile.", rich_help_panel=QUANTIZATION),
+    calib_data: Optional[str] = typer.Option(
+        None, "--calib-data",
+        help="What int8 is calibrated (and accuracy scored) on: a data set (imagefolder: DIR/train/<class>/*, whose labels score the model "
+             "when their class count is its output width), images (any tree of image files, no labels), npy (preprocessed inputs) or "
+             "synthetic (random images). Default: the model's data set; for an ONNX file that names none, synthetic (speed only).",
+        rich_help_panel=CALIBRATION,
+    ),
+    calib_data_dir: Optional[Path] = typer.Option(
+        None, "--calib-data-dir", help="Where that data lives; for npy, a .npy file or a folder of them (N x C x H x W floats).", rich_help_panel=CALIBRATION,
+    ),
+    calib_samples: int = typer.Option(512, "--calib-samples", help="Training samples used for calibration.", rich_help_panel=CALIBRATION),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, entropy or percentile.", rich_help_panel=CALIBRATION),
+    input_size: Optional[int] = typer.Option(
+        None, "--input-size", help="For an ONNX file bmc did not write whose image size is dynamic: the size it takes (N x N). "
+        "Images of other sizes have their shorter side scaled to it and their centre cropped (torchvision's Resize + CenterCrop).",
+        rich_help_panel=CALIBRATION,
+    ),
+    mean: Optional[str] = typer.Option(
+        None, "--mean", help="Per-channel mean, after --scale, for a model whose metadata gives none: imagenet (its std too) or numbers, "
+        "e.g. 0.485,0.456,0.406. Default there: ImageNet's for 3 channels. Written into the output model's metadata.", rich_help_panel=CALIBRATION,
+    ),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, as --mean: imagenet or numbers.", rich_help_panel=CALIBRATION),
+    scale: Optional[str] = typer.Option(
+        None, "--scale", help="What pixels (0-255) are multiplied by before --mean/--std: 1/255 (default: [0, 1]) or 1 ([0, 255]).", rich_help_panel=CALIBRATION,
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads when timing candidates.", rich_help_panel=QUANTIZATION),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output folder (default: RUN_DIR/compressed), replaced whole by each finished run.", rich_help_panel=OUTPUT,
@@ -58,6 +80,7 @@ def compress_command(
 ) -> None:
     """Make a model smaller and faster: prune, distill, then int8 chosen by measurement on this CPU (or fp16); writes compress_report.json."""
     from bmc.compress import CompressConfig, QuantizeConfig, compress
+    from bmc.compress.quantize.config import InputPreprocessing
     from bmc.errors import UsageError
 
     if teacher is not None:
@@ -77,6 +100,7 @@ def compress_command(
         quantization=QuantizeConfig(
             calib_data=calib_data, calib_data_dir=calib_data_dir, calib_samples=calib_samples, calib_method=calib_method,
             max_accuracy_drop_points=max_accuracy_drop, threads=threads,
+            preprocessing=InputPreprocessing.from_flags(input_size, mean, std, scale),
         ),
     ))
     if json_output:
@@ -87,10 +111,12 @@ def compress_command(
 
 def print_report(report) -> None:
     """Each stage's result as sentences, by its type; then the summary table, the notes and the result."""
-    from bmc.compress import DistillResult, HalfResult, PruneResult, QatResult, QuantizeResult, SparsityResult
+    from bmc.compress import DistillResult, HalfResult, InputsResult, PruneResult, QatResult, QuantizeResult, SparsityResult
 
     for stage in report.stages:
-        if isinstance(stage, DistillResult):
+        if isinstance(stage, InputsResult):
+            _print_inputs(stage)
+        elif isinstance(stage, DistillResult):
             typer.echo(
                 f"distilled {stage.teacher_model} ({stage.teacher_parameters:,} parameters, {stage.teacher_metrics}) into "
                 f"{stage.student_model} ({stage.student_parameters:,} parameters) over {stage.finetune.epochs} epochs: {stage.finetune.metrics}"
@@ -113,6 +139,13 @@ def print_report(report) -> None:
     for note in report.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"result: {report.result} (report: {Path(report.out_dir) / 'compress_report.json'})")
+
+
+def _print_inputs(inputs) -> None:
+    where = f" from {inputs.data_dir}" if inputs.data_dir is not None else ""
+    typer.echo(f"inputs: {inputs.data or 'no data'}{where}, shape {list(inputs.input_shape)}; {inputs.preprocessing}")
+    if inputs.accuracy_measured:
+        typer.echo(f"  accuracy scored on its labels ({len(inputs.class_names)} classes)")
 
 
 def _after(finetune) -> str:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from bmc.compress.report import CompressReport
 
 # The report's types, imported on first use (report.py reaches numpy through the int8 search's types).
-_REPORT_TYPES = ("REPORT", "CompressReport", "DistillResult", "HalfResult", "Metrics", "PruneResult", "QatResult",
+_REPORT_TYPES = ("REPORT", "CompressReport", "DistillResult", "HalfResult", "InputsResult", "Metrics", "PruneResult", "QatResult",
                  "QuantizeResult", "SparsityResult", "SummaryRow")
 
 
@@ -43,6 +43,6 @@ def compress(config: CompressConfig) -> CompressReport:
 
 
 __all__ = [
-    "QUANTIZATIONS", "REPORT", "TARGETS", "CompressConfig", "CompressReport", "DistillResult", "HalfResult", "Metrics",
+    "QUANTIZATIONS", "REPORT", "TARGETS", "CompressConfig", "CompressReport", "DistillResult", "HalfResult", "InputsResult", "Metrics",
     "PruneResult", "QatResult", "QuantizeConfig", "QuantizeResult", "SparsityResult", "SummaryRow", "compress",
 ]

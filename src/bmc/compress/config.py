@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc.compress.prune.strategies import get_strategy
-from bmc.compress.quantize.config import QuantizeConfig
+from bmc.compress.quantize.config import FILE_SOURCES, QuantizeConfig
 from bmc.errors import UsageError
 
 # "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
@@ -87,6 +87,12 @@ class CompressConfig:
 
     def _check_source(self) -> None:
         if self.source is None or not Path(self.source).is_file():
+            # A run knows its data set and preprocessing; files without labels would leave its accuracy unmeasured.
+            # (A missing MODEL.onnx is left to the error that says it is missing.)
+            a_run = self.source is None or Path(self.source).suffix != ".onnx"
+            if a_run and (self.quantization.calib_data in FILE_SOURCES or self.quantization.preprocessing is not None):
+                given = f"--calib-data {self.quantization.calib_data}" if self.quantization.calib_data in FILE_SOURCES else "--input-size/--mean/--std/--scale"
+                raise UsageError(f"{given} is for ONNX files bmc did not write; a run calibrates on its own data set (--calib-data NAME to change it)")
             return
         if Path(self.source).suffix != ".onnx":
             raise UsageError(f"{self.source}: compress takes a run directory or an .onnx file")

@@ -2,6 +2,7 @@
 then `for stage in plan: artifact, result = stage(artifact, config)`, and the closing report.
 
     export (where the run has no model.onnx) -> prune | sparsify -> distill -> fp16 | int8 (-> qat where int8 lost accuracy only) | qat
+    an ONNX file: its data and preprocessing decided (inputs.py), then int8
 
 Stage modules are imported where the plan needs them: quantizing an ONNX file never imports torch.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from bmc.artifact import atomic_write_json, read_meta, resolve_run_dir
 from bmc.compress.config import CompressConfig
+from bmc.compress.inputs import accuracy_not_measured, input_notes, resolve_inputs
 from bmc.compress.outputs import Staging, relocate_runs, relocated
 from bmc.compress.report import REPORT, CompressReport, StageResult
 from bmc.compress.stage import Artifact, Stage
@@ -25,15 +27,21 @@ def run_compress(config: CompressConfig) -> CompressReport:
     config = resolve_config(config)
     source_onnx, run_dir = _source_files(config)
     with Staging(config.out, REPORT, (source_onnx,)) as staging:
-        artifact = Artifact(out_dir=staging.path, onnx=source_onnx, run_dir=run_dir)
-        results: list[StageResult] = []
+        # An ONNX file's data and preprocessing, decided once the output folder is known to be ours;
+        # a file bmc did not write is read from here on as a copy with them in its metadata.
+        config, inputs = resolve_inputs(config, staging.path)
+        original = inputs.model if inputs is not None else source_onnx
+        artifact = Artifact(out_dir=staging.path, onnx=original, run_dir=run_dir)
+        results: list[StageResult] = [inputs] if inputs is not None else []
         for stage in build_plan(config):
             artifact, result = stage(artifact, config)
             if result is not None:
                 results.append(result)
             gc.collect()  # pruned and fine-tuned models sit in reference cycles; the next stage needs the memory
-        summary, notes = summarize(source_onnx, results, config, staging.path)
-        report = CompressReport(staging.path, source_onnx, artifact.result, tuple(results), tuple(summary), tuple(notes), config)
+        summary, notes = summarize(original, results, config, staging.path)
+        notes = [*input_notes(inputs, config), *notes]
+        report = CompressReport(staging.path, source_onnx, artifact.result, tuple(results), tuple(summary), tuple(notes), config,
+                                accuracy_not_measured=accuracy_not_measured(inputs, config))
         report = relocated(report, staging.path, config.out)
         relocate_runs(staging.path, config.out)
         atomic_write_json(staging.path / REPORT, report.to_dict())
@@ -82,8 +90,8 @@ def build_plan(config: CompressConfig) -> list[Stage]:
 def resolve_config(config: CompressConfig) -> CompressConfig:
     """config with what the source decides filled in, so the report records exactly what ran: the
     source's path (runs/latest resolved), the output folder, the quantization for the target, and
-    the data set (and folder) calibration and accuracy read: --calib-data, else the run's own, else
-    the one an ONNX file's metadata names."""
+    the data set (and folder) calibration and accuracy read: --calib-data, else the run's own. An
+    ONNX file's data and preprocessing are decided once the output folder is ours (inputs.py)."""
     if config.source_is_onnx:
         source = Path(config.source)
         out = config.out or source.with_name(f"{source.stem}-compressed")
@@ -97,11 +105,6 @@ def resolve_config(config: CompressConfig) -> CompressConfig:
         trained = read_meta(source)["config"]["data"]
         data = trained["name"]
         data_dir = data_dir or (Path(trained["data_dir"]) if trained.get("data_dir") else None)
-    elif data is None:
-        from bmc.runtime.metadata import ModelMetadata
-        from bmc.runtime.model_file import open_model
-
-        data = ModelMetadata.from_props(open_model(source).metadata_props).dataset or None
     return dataclasses.replace(
         config, source=source, out=Path(out), quantize=config.quantization_format,
         quantization=dataclasses.replace(quantization, calib_data=data, calib_data_dir=data_dir),

@@ -47,6 +47,24 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class InputsResult:
+    """What calibration and accuracy read for an ONNX file, where that is not the data set its
+    metadata names (a model bmc did not write, or other data), and the preprocessing written into
+    its metadata for every later stage, bench and serve."""
+
+    model: Path  # the fp32 model the stages read: a copy with that metadata, or the source where nothing changed
+    data: str | None  # the calibration source: imagefolder, images, npy, synthetic or a data set; None: no data
+    data_dir: Path | None
+    input_shape: tuple[int, ...]  # batch excluded
+    normalization: dict  # {"scale", "mean", "std", "given_by"} as written; empty where none was given (npy, synthetic)
+    preprocessing: str  # in words: where the normalization came from and how images are sized
+    accuracy_measured: bool
+    accuracy_not_measured: str = ""  # why not, where it is not
+    class_names: tuple[str, ...] = ()  # the labels accuracy is scored with, written into the metadata
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Finetune:
     """How a changed model was trained afterwards (0 epochs: saved as it was), and what it then scored."""
 
@@ -140,8 +158,8 @@ class QatResult:
     chosen: Path | None  # the int8 file kept
 
 
-StageResult = Union[ExportResult, PruneResult, SparsityResult, DistillResult, HalfResult, QuantizeResult, QatResult]
-_KINDS = {ExportResult: "export", PruneResult: "prune", SparsityResult: "sparsity", DistillResult: "distill",
+StageResult = Union[InputsResult, ExportResult, PruneResult, SparsityResult, DistillResult, HalfResult, QuantizeResult, QatResult]
+_KINDS = {InputsResult: "inputs", ExportResult: "export", PruneResult: "prune", SparsityResult: "sparsity", DistillResult: "distill",
           HalfResult: "fp16", QuantizeResult: "int8", QatResult: "qat"}
 
 
@@ -178,6 +196,9 @@ class CompressReport:
     summary: tuple[SummaryRow, ...] = ()  # the original and every model a stage made, measured together
     notes: tuple[str, ...] = ()  # what a user should know that the figures alone do not say
     config: CompressConfig | None = None  # every setting the stages ran with: what reproduces the figures
+    # Why accuracy was not measured (speed only: no labelled data that fits the model), and the
+    # accuracy budget then not applied; empty when it was measured.
+    accuracy_not_measured: str = ""
 
     def stage(self, kind: type[R]) -> R | None:
         """The last result of this type, or None."""
@@ -194,6 +215,7 @@ class CompressReport:
             "summary": [_plain(row) for row in self.summary],
             "notes": list(self.notes),
             "config": _plain(self.config) if self.config is not None else {},
+            "accuracy_not_measured": self.accuracy_not_measured,
         }
 
 

@@ -62,7 +62,8 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
     measured_on = Target(device="cuda" if config.target == "cuda" and cuda_works() else "cpu")
     comparison = compare(
         Contender(original, "original", measured_on), [Contender(path, label, measured_on) for label, path in produced],
-        settings=Settings((1, 32), SUMMARY_SECONDS, config.quantization.calib_data, config.quantization.calib_data_dir),
+        settings=Settings((1, 32), SUMMARY_SECONDS, config.quantization.calib_data if config.quantization.measure_accuracy else None,
+                          config.quantization.calib_data_dir),
     )
     rows = []
     for measured in (comparison.baseline, *comparison.candidates):

@@ -42,9 +42,11 @@ class Calibration:
 
 
 def calibration_inputs(model_path: Path, config: QuantizeConfig) -> Calibration:
-    """config.calib_samples training samples of the model's data set (or config.calib_data),
-    preprocessed as model_path expects, in batches; the model itself is not pre-processed."""
+    """config.calib_samples training samples of the model's data set (or config.calib_data: a data
+    set, or files: images, npy), preprocessed as model_path expects, in batches; the model itself
+    is not pre-processed."""
     from bmc.bench.accuracy import load_eval_dataset, plan_preprocessing
+    from bmc.compress.quantize import sources
     from bmc.runtime.metadata import ModelMetadata
     from bmc.runtime.model_file import open_model
 
@@ -53,11 +55,18 @@ def calibration_inputs(model_path: Path, config: QuantizeConfig) -> Calibration:
     data_name = config.calib_data or metadata.dataset
     if not data_name:
         raise UsageError(f"{model_path} names no data set in its metadata; pass --calib-data NAME")
-    shape = tuple(d if isinstance(d, int) and d > 0 else 0 for d in model.inputs[0].shape[1:]) if model.inputs else ()
+    dims = tuple(model.inputs[0].shape[1:]) if model.inputs else ()
+    shape = tuple(d if isinstance(d, int) and d > 0 else 0 for d in dims)
     model_shape = tuple(metadata.input_shape) or shape
-    dataset = load_eval_dataset(data_name, config.calib_data_dir, metadata, model_shape)
-    plan = plan_preprocessing(str(model_path), metadata, model_shape, dataset)
-    batches = calibration_batches(dataset, plan, config.calib_samples, config.seed)
+    if data_name == "npy":
+        arrays = sources.inspect_npy(config.calib_data_dir, tuple(metadata.input_shape) or dims, str(model_path))
+        batches = sources.npy_batches(arrays, config.calib_samples, config.seed)
+    elif data_name == "images":
+        batches = sources.image_batches(config.calib_data_dir, model_shape, metadata.normalization, config.calib_samples, config.seed, str(model_path))
+    else:
+        dataset = load_eval_dataset(data_name, config.calib_data_dir, metadata, model_shape)
+        plan = plan_preprocessing(str(model_path), metadata, model_shape, dataset)
+        batches = calibration_batches(dataset, plan, config.calib_samples, config.seed)
     return Calibration(Path(model_path), model.inputs[0].name, tuple(batches), data_name, config.calib_method)
 
 
