@@ -189,8 +189,10 @@ GOOD = [0.5] * 64
 BAD_REQUESTS = [
     ("malformed JSON", b'{"inputs": [', {}, 400, "not valid JSON"),
     ("100,000-deep JSON", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, ""),
+    # Refused by the JSON parser (orjson 3.13 stops at 1,024 levels; older releases parse it) or by the tensor decoder: the
+    # wording is the library's, the 400 is ours.
     ("100,000-deep data", b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": '
-     + b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, 400, "'data'"),
+     + b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, 400, ""),
     ("not an object", b"[1, 2]", {}, 400, "JSON object"),
     ("no inputs", b"{}", {}, 400, "'inputs'"),
     ("unknown input", _infer_body([1, 1, 8, 8], GOOD, name="x"), {}, 400, "unknown input 'x'"),
@@ -215,7 +217,10 @@ BAD_REQUESTS = [
 def test_bad_requests_get_4xx_with_a_json_error(digits_server, label, body, headers, status, fragment):
     got, raw, _ = digits_server.request("POST", "/v2/models/digits/infer", body, headers)
     assert got == status, raw
-    assert fragment in json.loads(raw)["error"]
+    error = json.loads(raw)["error"]
+    assert isinstance(error, str) and error and "\n" not in error and fragment in error
+    # and the server is none the worse for it
+    assert digits_server.infer("digits", np.zeros((1, 1, 8, 8), np.float32))[0] == 200
 
 
 def test_binary_faults_nan_and_unknown_model(digits_server):
