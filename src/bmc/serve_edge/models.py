@@ -13,6 +13,7 @@ from bmc.runtime.sessions import SessionError, create_session, ort_message
 from bmc.runtime.metadata import ModelMetadata
 from bmc.serve_edge.codec import ORT_TO_V2, V2_TO_NUMPY, TensorSpec
 from bmc.serve_edge.integrity import VerifiedModel, read_verified_model
+from bmc.serve_edge.testing import wait_for_test_gate
 
 log = logging.getLogger("bmc.serve")
 
@@ -53,6 +54,7 @@ class ServedModel:
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One onnxruntime run; called on the model's worker thread."""
+        wait_for_test_gate()
         return dict(zip(self.output_names, self.session_for(feed).run(list(self.output_names), feed)))
 
     def describe(self) -> dict:
