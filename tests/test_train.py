@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -86,26 +85,58 @@ def test_bad_config_values_fail_when_the_config_is_built():
         TrainConfig(optimizer="adam")
 
 
+# A training run that, when epoch argv[2] begins (the one before it saved), says so on stdout and
+# waits there: the test kills it at a known point instead of polling bmc.json against the clock.
+VICTIM = """
+import sys
+from pathlib import Path
+
+from bmc.data import DataConfig
+from bmc.train import TrainConfig, train
+
+stop_in = int(sys.argv[2])
+
+
+class WaitForTheKill:
+    def start(self, run_dir, config, first_epoch):
+        pass
+
+    def start_epoch(self, epoch, total_epochs, batches):
+        if epoch == stop_in:
+            print("inside", epoch, flush=True)
+            sys.stdin.read()  # until SIGKILL (or the test's end closes stdin)
+
+    def batches_done(self, done, loss, accuracy, img_per_s):
+        pass
+
+    def end_epoch(self, metrics):
+        pass
+
+
+config = TrainConfig(data=DataConfig(name="synthetic"), model="resnet20", epochs=5, out=Path(sys.argv[1]))
+train(config, progress=WaitForTheKill())
+"""
+
+
 def test_resume_after_kill_9_ends_with_the_uninterrupted_weights(workdir):
-    args = ["train", "--dataset", "synthetic", "--model", "resnet20", "--epochs", "5", "--quiet"]
-    reference = run_bmc(*args, "--out", "reference", cwd=workdir)
+    reference = run_bmc("train", "--dataset", "synthetic", "--model", "resnet20", "--epochs", "5", "--quiet", "--out", "reference", cwd=workdir)
     assert reference.returncode == 0, reference.stderr
 
-    victim = subprocess.Popen([sys.executable, "-m", "bmc", *args, "--out", "victim"], cwd=workdir)
-    meta_path = workdir / "victim" / "bmc.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if meta_path.exists() and json.loads(meta_path.read_text())["completed_epochs"] >= 2:
-            break
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    interrupted = json.loads(meta_path.read_text())
-    assert interrupted["status"] == "running" and 2 <= interrupted["completed_epochs"] < 5
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, "victim", "3"], cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().split() == ["inside", "3"]  # epoch 2 saved, epoch 3 begun
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait() == -signal.SIGKILL
+    finally:
+        victim.kill()
+        victim.wait()
+    interrupted = read_meta(workdir / "victim")
+    assert interrupted["status"] == "running" and interrupted["completed_epochs"] == 2
 
     resumed = run_bmc("train", "--resume", "victim", "--quiet", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     final, expected = read_meta(workdir / "victim"), read_meta(workdir / "reference")
+    assert final["status"] == "complete" and final["completed_epochs"] == 5
     assert final["weights"]["sha256"] == expected["weights"]["sha256"]
     strip = lambda history: [{k: v for k, v in e.items() if k not in ("seconds", "img_per_s")} for e in history]  # noqa: E731
     assert strip(final["history"]) == strip(expected["history"])
