@@ -64,10 +64,17 @@ def test_tables_regression_and_transformer(workdir):
 
 
 def test_imagefolder_slice_trains_resnet20(workdir, cifar_slice):
-    run = train(TrainConfig(data=DataConfig(name="imagefolder", data_dir=cifar_slice), model="resnet20", epochs=2, batch_size=50))
-    assert run.meta["data"]["train_samples"] == 300
+    data = DataConfig(name="imagefolder", data_dir=cifar_slice)
+    run = train(TrainConfig(data=data, model="resnet20", epochs=2, batch_size=50))
+    assert run.meta["data"]["train_samples"] == 300 and run.meta["data"]["test_samples"] == 100
     assert run.meta["model"]["input_shape"] == [3, 32, 32]
-    assert 0 <= run.final_metrics["test_accuracy"] <= 1
+    assert run.meta["status"] == "complete" and [e["epoch"] for e in run.meta["history"]] == [1, 2]
+    # The decision, whichever way this CPU makes it: bf16 only where it is fast (AMX or AVX-512 BF16).
+    fast_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    assert run.meta["environment"]["precision"] == ("bf16" if fast_bf16 else "fp32")
+    # The saved weights score on the real JPEGs exactly what the run reported.
+    model, _ = load_model(run.run_dir)
+    assert _test_accuracy(model, load_dataset(data)) == pytest.approx(run.final_metrics["test_accuracy"], abs=1e-6)
 
 
 def test_out_directory_must_be_new(workdir):
