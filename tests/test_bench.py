@@ -20,10 +20,8 @@ from bmc.data import DataConfig
 from bmc.errors import UsageError
 from bmc.export import ExportConfig, export
 from bmc.train import TrainConfig, train
-from conftest import PROJECT_ROOT, assert_one_line_error, run_bmc
-
-sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-from fuzz_models import mutants, run_case  # noqa: E402
+from conftest import assert_one_line_error, run_bmc
+from onnx_mutants import mutants, run_case
 
 needs_cuda = pytest.mark.skipif(not cuda_works(), reason="needs a CUDA GPU that onnxruntime's CUDA provider really runs on")
 
