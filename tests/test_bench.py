@@ -328,6 +328,7 @@ def test_evaluation_batches_shrink_with_the_input_the_model_sees():
     assert eval_batch_size(3 * 4096 * 4096, EVAL_BATCH) == 1
 
 
+@pytest.mark.slow
 def test_mutated_models_always_give_a_clean_outcome(models, tmp_path):
     outcomes = []
     for index, (kind, data) in enumerate(mutants(models["cnn"].read_bytes(), 30, seed=0)):

@@ -17,6 +17,7 @@ def test_help_lists_every_command_and_version_prints(workdir):
     assert version.returncode == 0 and version.stdout.startswith("bmc 0.")
 
 
+@pytest.mark.slow
 def test_train_with_no_arguments_says_where_it_saved(workdir):
     result = run_bmc("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -31,6 +32,7 @@ def test_train_with_no_arguments_says_where_it_saved(workdir):
     assert described.returncode == 0 and "seed-cifar-cnn" in described.stdout
 
 
+@pytest.mark.slow
 def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
     result = run_bmc("train", "--model", "seed-mlp", "--epochs", "2", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -77,6 +79,7 @@ def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code,
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_on_resume_is_one_line(workdir):
     # kill a run between epochs by asking for 3 epochs and truncating what it left
     first = run_bmc("train", "--epochs", "3", "--quiet", "--out", "run", cwd=workdir)

@@ -25,6 +25,7 @@ def _test_accuracy(model, dataset) -> float:
     return float((logits.argmax(1).numpy() == dataset.test_y).mean())
 
 
+@pytest.mark.slow
 def test_default_run_reaches_95_percent_and_saves_a_complete_run(workdir):
     run = train(TrainConfig())
     meta = run.meta
@@ -53,6 +54,7 @@ def test_same_seed_same_weights_other_seed_other_weights(workdir):
     assert first.meta["weights"]["sha256"] != third.meta["weights"]["sha256"]
 
 
+@pytest.mark.slow
 def test_tables_regression_and_transformer(workdir):
     iris = train(TrainConfig(data=DataConfig(name="iris")))
     assert iris.meta["model"]["name"] == "seed-iris-mlp" and iris.final_metrics["test_accuracy"] >= 0.9
@@ -63,6 +65,7 @@ def test_tables_regression_and_transformer(workdir):
     assert transformer.final_metrics["test_accuracy"] > 0.3  # learning: chance is 0.1
 
 
+@pytest.mark.slow
 def test_imagefolder_slice_trains_resnet20(workdir, cifar_slice):
     data = DataConfig(name="imagefolder", data_dir=cifar_slice)
     run = train(TrainConfig(data=data, model="resnet20", epochs=2, batch_size=50))
@@ -125,6 +128,7 @@ train(config, progress=WaitForTheKill())
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_with_the_uninterrupted_weights(workdir):
     reference = run_bmc("train", "--dataset", "synthetic", "--model", "resnet20", "--epochs", "5", "--quiet", "--out", "reference", cwd=workdir)
     assert reference.returncode == 0, reference.stderr
@@ -195,6 +199,7 @@ def test_cuda_run_uses_bf16_and_matches_cpu_accuracy(workdir):
     assert run.final_metrics["test_accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(workdir):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
