@@ -178,7 +178,7 @@ def _walk(name: str, scratch: Path, timeout_s: float) -> dict:
     if not compressed["ok"]:
         return {**outcome, "status": "fail", "failed_step": "compress", "error": compressed["error"]}
     outcome["compress"] = {
-        stage["stage"]: {k: stage[k] for k in ("macs_removed", "params_removed", "strategy", "format", "kept") if k in stage}
+        stage["stage"]: {k: stage[k] for k in ("macs_removed", "params_removed", "strategy", "blocks_dropped", "chosen", "chosen_recipe", "note") if k in stage}
         for stage in json.loads(stdout).get("stages", [])
     }
     files = [run / "model.onnx", *sorted((run / "compressed").glob("*.onnx"))]
