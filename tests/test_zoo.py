@@ -33,7 +33,11 @@ SMALLEST: dict[str, int] = {
     "swin_v2_t": 32, "vgg11": 32, "vit_b_16": 32, "wide_resnet50_2": 32,
 }
 # Families that fail today, with the error: strict, so a fix turns the xfail into a failure to remove.
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {
+    # bmc.checkpoint loads safetensors into a plain dict, without the _metadata versions that
+    # torchvision's MNASNet._load_from_state_dict requires (benchmarks/zoo.py, bmc export).
+    "mnasnet0_5": "bmc export: internal error: ValueError: version should be set to 1 or 2 instead of None",
+}
 
 
 def _family(name: str) -> str:
