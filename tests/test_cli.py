@@ -1,6 +1,7 @@
 """The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
 
 import json
+import re
 
 import pytest
 
@@ -16,22 +17,30 @@ def test_help_lists_every_command_and_version_prints(workdir):
     assert version.returncode == 0 and version.stdout.startswith("bmc 0.")
 
 
+@pytest.mark.slow
 def test_train_with_no_arguments_says_where_it_saved(workdir):
     result = run_bmc("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("saved runs/digits-seed-cifar-cnn-1 (test accuracy 9")
+    said = re.fullmatch(r"saved (\S+) \(test accuracy ([\d.]+%), 30 epochs in [\d.]+ s\)\n", result.stdout)
+    assert said and said.group(1) == "runs/digits-seed-cifar-cnn-1", result.stdout
     assert "epoch  30" in result.stderr  # the per-epoch log next to the progress bars
-    assert (workdir / "runs" / "latest" / "bmc.json").is_file()
+    meta = json.loads((workdir / "runs" / "latest" / "bmc.json").read_text())
+    assert (workdir / "runs" / "latest").resolve() == (workdir / said.group(1)).resolve()
+    assert said.group(2) == f"{meta['history'][-1]['test_accuracy']:.2%}"  # what the run saved, whatever the figure
 
     described = run_bmc("info", "runs/latest", cwd=workdir)
     assert described.returncode == 0 and "seed-cifar-cnn" in described.stdout
 
 
+@pytest.mark.slow
 def test_json_summary_is_machine_readable_and_quiet_is_quiet(workdir):
     result = run_bmc("train", "--model", "seed-mlp", "--epochs", "2", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["model"] == "seed-mlp" and summary["epochs"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    assert summary["model"] == "seed-mlp" and summary["dataset"] == "digits" and summary["epochs"] == 2
+    meta = json.loads((workdir / summary["run_dir"] / "bmc.json").read_text())
+    assert summary["test_accuracy"] == meta["history"][-1]["test_accuracy"] and summary["test_loss"] == meta["history"][-1]["test_loss"]
+    assert summary["weights_sha256"] == meta["weights"]["sha256"]
     quiet = run_bmc("train", "--epochs", "1", "--quiet", cwd=workdir)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
@@ -70,6 +79,7 @@ def test_bad_input_is_one_line_and_the_right_exit_code(workdir, args, exit_code,
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_on_resume_is_one_line(workdir):
     # kill a run between epochs by asking for 3 epochs and truncating what it left
     first = run_bmc("train", "--epochs", "3", "--quiet", "--out", "run", cwd=workdir)

@@ -85,6 +85,7 @@ def test_bad_export_requests_fail_clearly(workdir):
         ExportConfig(checkpoint=workdir)
 
 
+@pytest.mark.slow
 def test_cli_chains_train_then_export(workdir):
     assert run_bmc("train", "--epochs", "2", "--quiet", cwd=workdir).returncode == 0
     result = run_bmc("export", "--json", cwd=workdir)
@@ -123,6 +124,7 @@ def test_models_over_the_protobuf_limit_keep_weights_in_external_data(workdir, m
     assert both.models[0].facts.parameters == both.models[1].facts.parameters > 100_000
 
 
+@pytest.mark.slow
 def test_cifar_slice_round_trip_bench_accuracy_equals_pytorch(workdir, cifar_slice):
     from bmc.bench import BenchConfig, bench
     from bmc.data import DataConfig

@@ -21,6 +21,7 @@ from bmc.serve_edge import ServeConfig
 from bmc.serve_edge.codec import V2_TO_NUMPY, TensorSpec
 from bmc.serve_edge.integrity import VerifiedModel
 from bmc.serve_edge.targets import ServingPlan, plan_serving
+from bmc.serve_edge.testing import wait_for_test_gate
 
 log = logging.getLogger("bmc.serve")
 
@@ -95,6 +96,7 @@ class ServedModel:
 
         run_options: onnxruntime's RunOptions, for an onnxruntime session (ignored by the others).
         """
+        wait_for_test_gate()
         index = self.session_index(feed)
         session = self.sessions[index]
         names = list(self.output_names)
