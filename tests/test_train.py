@@ -187,7 +187,7 @@ def test_truncated_or_mismatched_checkpoints_fail_with_the_file_named(workdir):
 
     del meta["data"]
     (run.run_dir / "bmc.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="bmc.json: missing or malformed field.s. data;"):
+    with pytest.raises(CheckpointError, match="bmc.json: field data: is missing"):
         load_model(run.run_dir)
 
 
