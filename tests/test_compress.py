@@ -26,7 +26,9 @@ from bmc.compress.prune.search import PruneTarget, prune_structured
 from bmc.compress.prune.strategies import CUTS, strategy_names
 from bmc.compress.quantize.calibration import prepare
 from bmc.compress.quantize.recipes import QuantRecipe, candidate_recipes, quantize_with_recipe
-from bmc.compress.quantize.search import Candidate, choose_candidate, judge, lost_on_accuracy_only, quantize_int8
+from bmc.compress.quantize.runtimes import FileChoice, choose_file
+from bmc.compress.quantize.search import SPEED_TIE, Candidate, judge, lost_on_accuracy_only, quantize_int8
+from bmc.runtime.target import Target
 from bmc.compress.report import REPORT_FORMAT_VERSION, Metrics, SparsityResult, SummaryRow
 from bmc.compress.summary import pruning_cost, pruning_paid_off
 from bmc.data import DataConfig, dataset_recipe
@@ -39,9 +41,12 @@ from bmc.train import TrainConfig, train
 from conftest import assert_one_line_error, run_bmc
 
 INT8_OPERATORS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
-QUICK = QuantizeConfig(calib_samples=64, seconds_per_timing=0.2)
+# One target (onnxruntime on one thread): these tests are about recipes and judging; the search
+# over runtimes and settings has its own (test_compress_runtimes.py).
+QUICK = QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, runtimes=("onnxruntime",), threads=1)
 ANY_SPEED = dataclasses.replace(QUICK, min_speedup=0.01, max_accuracy_drop_points=100)  # every candidate accepted
 NO_SPEED = dataclasses.replace(QUICK, min_speedup=1000)  # none accepted
+QUICK_TARGET = Target("onnxruntime", "cpu", "fp32", 1)
 slow = pytest.mark.slow
 
 
@@ -101,17 +106,15 @@ def test_judge_applies_the_speed_guarantee_and_the_accuracy_budget():
 
 
 def test_a_candidate_within_timing_noise_of_the_fastest_wins_by_a_smaller_file():
-    def candidate(recipe, size, b1, b32, drop=0.0):
-        return Candidate(recipe=recipe, path="", size_bytes=size, accuracy=0.85, accuracy_drop_points=drop,
-                         speedup={1: b1, 32: b32}, latency_ms={})
+    def choice(label, size, b1, b32, drop=0.0):
+        return FileChoice(label, {1: Target(), 32: Target()}, {1: b1, 32: b32}, size, drop)
 
-    qdq, qoperator = candidate("QDQ", 162_821, 1.243, 1.679), candidate("QOperator", 148_123, 1.229, 1.688)
-    assert choose_candidate([qdq, qoperator]) is qoperator  # 0.2% slower, 9% smaller
-    much_faster = candidate("QDQ", 162_821, 1.40, 1.90)
-    assert choose_candidate([much_faster, qoperator]) is much_faster  # 12% faster: speed decides
-    same_size = candidate("QOperator-U8U8", 148_123, 1.23, 1.69, drop=0.4)
-    assert choose_candidate([same_size, qoperator]) is qoperator  # same size: the more accurate
-    assert choose_candidate([]) is None
+    qdq, qoperator = choice("QDQ", 162_821, 1.243, 1.679), choice("QOperator", 148_123, 1.229, 1.688)
+    assert choose_file([qdq, qoperator], SPEED_TIE, Target()) is qoperator  # 0.2% slower, 9% smaller
+    much_faster = choice("QDQ", 162_821, 1.40, 1.90)
+    assert choose_file([much_faster, qoperator], SPEED_TIE, Target()) is much_faster  # 12% faster: speed decides
+    same_size = choice("QOperator-U8U8", 148_123, 1.23, 1.69, drop=0.4)
+    assert choose_file([same_size, qoperator], SPEED_TIE, Target()) is qoperator  # same size: the more accurate
 
 
 def test_quantization_aware_fine_tuning_is_next_only_when_int8_lost_on_accuracy_alone():
@@ -119,7 +122,7 @@ def test_quantization_aware_fine_tuning_is_next_only_when_int8_lost_on_accuracy_
 
     def result(drop, speedup, chosen=None):
         candidate = Candidate(recipe="r", path="", size_bytes=1, accuracy=0.9, accuracy_drop_points=drop, speedup=speedup, latency_ms={})
-        return QuantizeResult(source="m", chosen=chosen, chosen_recipe=None, baseline_accuracy=0.9, baseline_latency_ms={},
+        return QuantizeResult(source="m", chosen=chosen, chosen_recipe="r" if chosen else None, baseline_accuracy=0.9, baseline_latency_ms={},
                               baseline_size_bytes=1, candidates=[candidate])
 
     assert lost_on_accuracy_only(result(3.0, {1: 1.4, 32: 1.9}), config)
@@ -139,7 +142,7 @@ def test_int8_keeps_fp32_when_no_candidate_is_fast_enough_and_chooses_by_the_rul
     recipes = _plain_recipes_here()
     assert [c.recipe for c in chosen.candidates] in (recipes, [r for r in recipes if not r.endswith("-gemm-conv")])
     assert all(c.accepted and c.accuracy is not None and c.size_bytes < 0.5 * chosen.baseline_size_bytes for c in chosen.candidates)
-    assert chosen.chosen_recipe == choose_candidate(chosen.candidates).recipe
+    assert chosen.chosen_recipe in recipes and chosen.runtime_targets == {1: QUICK_TARGET, 32: QUICK_TARGET}
     assert chosen.calibration.data == "digits" and chosen.calibration.samples == 64 and chosen.calibration.method == "minmax"
     path = Path(chosen.chosen)
     assert path == workdir / "chosen" / "model-int8.onnx" and INT8_OPERATORS & {n.op_type for n in onnx.load(path).graph.node}

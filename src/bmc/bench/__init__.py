@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bmc.errors import BmcError, CheckpointError, DataError, UsageError
+from bmc.runtime.target import Target
 
 if TYPE_CHECKING:
     from bmc.bench.report import Report
@@ -47,6 +48,9 @@ class BenchConfig:
     # every row then computes the same function, so a ratio compares runtimes, not numerics; bf16
     # is asked for by name (and judged by its accuracy row) where a lower precision is acceptable.
     precisions: tuple[str, ...] | None = ("fp32",)
+    # Exact targets instead of runtimes x precisions with `threads` (compress searches runtime
+    # settings such as one thread against the default): each must be installed and working here.
+    targets: tuple[Target, ...] | None = None
 
     def __post_init__(self) -> None:
         from bmc.runtime.registry import get_runtime
@@ -90,6 +94,10 @@ class BenchConfig:
             raise UsageError(f"rounds must be in [1, 100]; got {self.rounds!r}")
         if self.data_dir is not None and self.data is None:
             raise UsageError("data_dir needs data (--data NAME)")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+            if not self.targets or not all(isinstance(t, Target) for t in self.targets):
+                raise UsageError("targets must be one or more runtime targets, or None")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -97,6 +105,7 @@ class BenchConfig:
         values["data_dir"] = str(self.data_dir) if self.data_dir is not None else None
         for key in ("runtimes", "precisions"):
             values[key] = list(values[key]) if values[key] is not None else None
+        values["targets"] = [t.to_dict() for t in self.targets] if self.targets is not None else None
         return values
 
 
@@ -109,14 +118,19 @@ def bench(paths: list[Path] | tuple[Path, ...], config: BenchConfig = BenchConfi
     from bmc.bench.report import Report
     from bmc.environment import environment
     from bmc.runtime.metadata import ModelMetadata
-    from bmc.runtime.registry import get_runtime, plan_targets
+    from bmc.runtime.registry import get_runtime, plan_targets, require_runtime
     from bmc.runtime.sessions import UnsupportedModelError
 
     paths = [Path(p) for p in paths]
     if not paths:
         raise UsageError("no models to bench")
     # Which runtimes and precisions: settled before any file is read, so a missing runtime is one line at once.
-    targets = plan_targets(config.runtimes, config.precisions, config.device, config.threads)
+    if config.targets is not None:
+        targets = config.targets
+        for target in targets:
+            require_runtime(target.runtime)
+    else:
+        targets = plan_targets(config.runtimes, config.precisions, config.device, config.threads)
     if config.rounds > 1:
         return _bench_in_rounds(paths, config)
     names = _display_names(paths)

@@ -32,6 +32,7 @@ def bench_command(
     from bmc.artifact import atomic_write_bytes
     from bmc.bench import BenchConfig, bench, default_model_paths
     from bmc.bench.report import require_matplotlib
+    from bmc.cli.options import name_list
     from bmc.errors import UsageError
 
     config = BenchConfig(
@@ -46,8 +47,8 @@ def bench_command(
         cuda_graph=cuda_graph,
         tensorrt=tensorrt,
         rounds=rounds,
-        runtimes=_names(runtime, "--runtime"),
-        precisions=_names(precision, "--precision"),
+        runtimes=name_list(runtime, "--runtime"),
+        precisions=name_list(precision, "--precision"),
     )
     if plot_path is not None:
         require_matplotlib()  # before minutes of measuring, not after
@@ -90,20 +91,6 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not values:
         raise UsageError(f"--batch-sizes expects comma-separated integers like 1,32; got {text!r}")
     return values
-
-
-def _names(text: str, flag: str) -> tuple[str, ...] | None:
-    """'a,b' -> ("a", "b"); 'all' -> None (every one there is)."""
-    from bmc.errors import UsageError
-
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise UsageError(f"{flag} expects a name, a comma-separated list or all; got {text!r}")
-    if "all" in names:
-        if len(names) > 1:
-            raise UsageError(f"{flag} all stands alone; got {text!r}")
-        return None
-    return names
 
 
 def register(app: typer.Typer) -> None:

@@ -72,7 +72,14 @@ def compress_command(
     scale: Optional[str] = typer.Option(
         None, "--scale", help="What pixels (0-255) are multiplied by before --mean/--std: 1/255 (default: [0, 1]) or 1 ([0, 255]).", rich_help_panel=CALIBRATION,
     ),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads when timing candidates.", rich_help_panel=QUANTIZATION),
+    runtime: str = typer.Option(
+        "all", "--runtime", help="Runtimes every candidate is timed on: onnxruntime, openvino, a comma-separated list, or all (every one "
+        "installed here). The result records its fastest per batch size in its metadata; bmc serve runs it there.", rich_help_panel=QUANTIZATION,
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Fix the threads every runtime times with (default: each runtime's own, and onnxruntime on one thread tried too).",
+        rich_help_panel=QUANTIZATION,
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output folder (default: RUN_DIR/compressed), replaced whole by each finished run.", rich_help_panel=OUTPUT,
     ),
@@ -80,6 +87,7 @@ def compress_command(
 ) -> None:
     """Make a model smaller and faster: prune, distill, then int8 chosen by measurement on this CPU (or fp16); writes compress_report.json."""
     from bmc.compress import CompressConfig, QuantizeConfig, compress
+    from bmc.cli.options import name_list
     from bmc.compress.quantize.config import InputPreprocessing
     from bmc.errors import UsageError
 
@@ -99,7 +107,7 @@ def compress_command(
         kd_temperature=kd_temperature, kd_alpha=kd_alpha, qat=qat, quantize=quantize, target=target, out=out,
         quantization=QuantizeConfig(
             calib_data=calib_data, calib_data_dir=calib_data_dir, calib_samples=calib_samples, calib_method=calib_method,
-            max_accuracy_drop_points=max_accuracy_drop, threads=threads,
+            max_accuracy_drop_points=max_accuracy_drop, threads=threads, runtimes=name_list(runtime, "--runtime"),
             preprocessing=InputPreprocessing.from_flags(input_size, mean, std, scale),
         ),
     ))
@@ -178,16 +186,24 @@ def _block_cost(rank) -> str:
 
 
 def _print_candidates(result) -> None:
+    several = len({c.target for c in result.candidates}) > 1
     for candidate in result.candidates:
-        speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate.speedup.items())
+        speed = ", ".join(f"{s:.2f}x at batch {b}" for b, s in candidate.speedup.items()) or "not run"
         # The change in accuracy, as the summary table shows it: minus is a loss.
         accuracy = f", {-candidate.accuracy_drop_points:+.2f} pt" if candidate.accuracy_drop_points is not None else ""
-        if result.chosen_recipe == candidate.recipe:
-            mark = "chosen"
+        if candidate.chosen_for:
+            mark = "chosen" + (f" for batch {', '.join(map(str, candidate.chosen_for))}" if several else "")
         else:
             mark = "accepted, not the fastest" if candidate.accepted else "rejected: " + candidate.reason
-        typer.echo(f"  {candidate.recipe:<50} {speed}{accuracy}  [{mark}]")
+        name = f"{candidate.recipe} on {candidate.target.label}" if several else candidate.recipe
+        typer.echo(f"  {name:<64} {speed}{accuracy}  [{mark}]")
     typer.echo(result.note)
+    if result.runtime_targets and result.onnxruntime_only_speedup:
+        against = ", ".join(
+            f"batch {b}: {result.chosen_speedup[b]:.2f}x against {result.onnxruntime_only_speedup[b]:.2f}x"
+            for b in result.chosen_speedup if b in result.onnxruntime_only_speedup
+        )
+        typer.echo(f"  against the best on onnxruntime's defaults alone ({against})")
 
 
 def _print_summary(rows) -> None:

@@ -4,7 +4,8 @@ int8's candidate search, fp16's judgement and the closing summary each compare a
 candidates in one run, in rounds: every model is timed `rounds` times in turn and keeps its
 fastest round, so a burst of other work on a shared machine hits one round, not one model.
 A contender is a model file and the runtime target it runs on (bmc.runtime's Target: runtime,
-device, precision, threads); one comparison measures every contender on one target today.
+device, precision, threads). Contenders on several targets are measured in one bench run of every
+file on every target, so the rounds interleave them all; only the pairs asked for are returned.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Measurement:
     gzip_bytes: int
     weight_sparsity: float | None
     accuracy: float | None
-    latency_ms: dict[int, float]  # batch size -> the best round's median
+    latency_ms: dict[int, float]  # batch size -> the best round's median; empty when the target could not open the file
+    unopened: str = ""  # why the target could not run the file ("" when it ran)
 
 
 @dataclass(frozen=True)
@@ -81,20 +83,23 @@ def compare(baseline: Contender, candidates: Sequence[Contender], rounds: int = 
     from bmc.bench import BenchConfig, bench
 
     contenders = [baseline, *candidates]
-    targets = {c.target for c in contenders}
-    if len(targets) != 1:
-        raise UsageError(f"one comparison runs on one target; got {', '.join(sorted(t.label for t in targets))}")
-    target = targets.pop()
+    paths = list(dict.fromkeys(c.path for c in contenders))
+    targets = tuple(dict.fromkeys(c.target for c in contenders))
+    devices = {t.device for t in targets}
+    if len(devices) != 1:
+        raise UsageError(f"one comparison runs on one device; got {', '.join(sorted(devices))}")
     report = bench(
-        [c.path for c in contenders],
+        paths,
         BenchConfig(
-            batch_sizes=settings.batch_sizes, device=target.device, seconds=settings.seconds / rounds, threads=target.threads,
-            data=settings.data, data_dir=settings.data_dir if settings.data else None, rounds=rounds,
-            runtimes=(target.runtime,), precisions=(target.precision,),
+            batch_sizes=settings.batch_sizes, device=devices.pop(), seconds=settings.seconds / rounds,
+            data=settings.data, data_dir=settings.data_dir if settings.data else None, rounds=rounds, targets=targets,
         ),
     )
-    measured = [
-        Measurement(
+    rows = {(path, target): report.models[i * len(targets) + j] for i, path in enumerate(paths) for j, target in enumerate(targets)}
+    measured = []
+    for contender in contenders:
+        result = rows[(contender.path, contender.target)]
+        measured.append(Measurement(
             contender=contender,
             device=result.device,
             format=result.facts.numeric_format,
@@ -104,7 +109,6 @@ def compare(baseline: Contender, candidates: Sequence[Contender], rounds: int = 
             weight_sparsity=result.facts.weight_sparsity,
             accuracy=result.quality.accuracy if result.quality else None,
             latency_ms={t.batch_size: t.latency_ms_median for t in result.timings},
-        )
-        for contender, result in zip(contenders, report.models)
-    ]
+            unopened=result.skipped[0][1] if result.skipped and not result.timings else "",
+        ))
     return Comparison(measured[0], tuple(measured[1:]))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 from bmc.compress.config import CompressConfig
@@ -32,7 +31,6 @@ log = logging.getLogger("bmc")
 
 ADOPTED = "model.onnx"  # the source with the decided preprocessing in its metadata, in the output folder
 IMAGE_SOURCES = ("images", "imagefolder")
-PROTOBUF_LIMIT_BYTES = (1 << 31) - 1
 RANDOM_CALIBRATION = (
     "int8 is calibrated on random images: its activation ranges come from noise, not from the model's data, so "
     "its accuracy is unknown and can be far below fp32's; calibrate on real inputs (--calib-data images|imagefolder|npy "
@@ -47,7 +45,7 @@ def resolve_inputs(config: CompressConfig, out_dir: Path) -> tuple[CompressConfi
     if not config.source_is_onnx:
         return config, None
     from bmc.bench.accuracy import GIVEN_BY
-    from bmc.runtime.metadata import ModelMetadata
+    from bmc.runtime.metadata import ModelMetadata, write_with_metadata
     from bmc.runtime.model_file import open_model
 
     source = Path(config.source)
@@ -96,7 +94,7 @@ def resolve_inputs(config: CompressConfig, out_dir: Path) -> tuple[CompressConfi
     adopted = source
     if not says:
         adopted = out_dir / ADOPTED
-        _write_with_metadata(source, adopted, dataclasses.replace(
+        write_with_metadata(source, adopted, dataclasses.replace(
             metadata, bmc_version=_version(), model=metadata.model or source.stem, input_shape=shape, data_input_shape=shape,
             normalization=normalization or metadata.normalization, class_names=class_names if measured else metadata.class_names,
             source_sha256=_sha256(source), precision="fp32",
@@ -310,28 +308,6 @@ def _resolved_preprocessing(shape: tuple[int, ...], norm: dict) -> InputPreproce
     if not norm:
         return InputPreprocessing(input_size=shape[1] if square else None)
     return InputPreprocessing(input_size=shape[1] if square else None, mean=tuple(norm["mean"]), std=tuple(norm["std"]), scale=norm["scale"])
-
-
-def _write_with_metadata(source: Path, target: Path, metadata) -> None:
-    """source's graph and weights at target with bmc's metadata keys set (its other keys kept), and its manifest."""
-    import onnx
-
-    from bmc.manifest import manifest_of_files, write_manifest
-
-    proto = onnx.load(str(source), load_external_data=True)  # open_model has checked every external location
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, value in metadata.to_props().items():
-        entry = existing.get(key) or proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    try:
-        large = proto.ByteSize() > PROTOBUF_LIMIT_BYTES - (64 << 20)
-    except ValueError:  # some protobuf builds refuse to even size a message over the limit
-        large = True
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    onnx.save_model(proto, str(partial), save_as_external_data=large, all_tensors_to_one_file=True, location=f"{target.name}.data",
-                    size_threshold=1024)
-    os.replace(partial, target)
-    write_manifest(target, manifest_of_files(target))
 
 
 def _sha256(path: Path) -> str:

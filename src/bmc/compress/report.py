@@ -180,6 +180,7 @@ class SummaryRow:
     size_ratio: float  # against the original: > 1 is smaller
     speedup: dict[int, float]  # against the original: > 1 is faster
     accuracy_change_points: float | None  # against the original: negative is a loss
+    runtime: str = "onnxruntime"  # the runtime target it ran on (Target.label)
 
 
 R = TypeVar("R")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.config import CompressConfig
+from bmc.compress.quantize.runtimes import FP32
 from bmc.runtime.target import Target
 from bmc.compress.report import (
     DistillResult,
@@ -42,7 +43,7 @@ def produced_models(results: list[StageResult]) -> list[tuple[str, Path]]:
         elif isinstance(result, HalfResult) and result.accepted and result.path is not None:
             produced.append(("fp16", result.path))
         elif isinstance(result, QuantizeResult) and result.chosen:
-            produced.append(("int8", Path(result.chosen)))
+            produced.append((result.chosen_recipe if result.chosen_recipe == FP32 else "int8", Path(result.chosen)))
         elif isinstance(result, QatResult) and result.chosen is not None:
             produced.append(("qat", result.chosen))
     return produced
@@ -60,8 +61,15 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
     if reference is not None:
         produced.append((NOT_PRUNED, reference))
     measured_on = Target(device="cuda" if config.target == "cuda" and cuda_works() else "cpu")
+    # fp32 handed over for a faster runtime or setting is the original on onnxruntime: no row of its own there.
+    contenders = [Contender(path, label, measured_on) for label, path in produced if label != FP32]
+    # The handed-over file on each runtime target it was chosen for, beside its row on onnxruntime.
+    chosen_on = _chosen_targets(results)
+    if produced and chosen_on:
+        label, path = produced[-1] if reference is None else produced[-2]
+        contenders += [Contender(path, f"{label} on {target.label}", target) for target in chosen_on if target != measured_on]
     comparison = compare(
-        Contender(original, "original", measured_on), [Contender(path, label, measured_on) for label, path in produced],
+        Contender(original, "original", measured_on), contenders,
         settings=Settings((1, 32), SUMMARY_SECONDS, config.quantization.calib_data if config.quantization.measure_accuracy else None,
                           config.quantization.calib_data_dir),
     )
@@ -76,6 +84,7 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
             size_ratio=round(comparison.size_ratio(measured), 3),
             speedup={b: round(s, 3) for b, s in comparison.speedup(measured).items()},
             accuracy_change_points=round(-drop, 3) if drop is not None else None,
+            runtime=measured.contender.target.label,
         ))
     notes = []
     for result in results:
@@ -84,8 +93,19 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
         if isinstance(result, PruneResult):
             notes += pruning_shortfall(result, config)
     if reference is not None:
-        notes += pruning_paid_off(rows[-2], rows[-1], prune.cut)
+        pruned_row = next(r for r in rows if r.path == produced[-2][1] and r.runtime == measured_on.label)
+        unpruned_row = next(r for r in rows if r.stage == NOT_PRUNED)
+        notes += pruning_paid_off(pruned_row, unpruned_row, prune.cut)
     return rows, notes
+
+
+def _chosen_targets(results: list[StageResult]) -> list[Target]:
+    """The distinct runtime targets the int8 search chose for the handed-over file, by batch size."""
+    final = results[-1] if results else None
+    quantized = final if isinstance(final, QuantizeResult) else final.quantized if isinstance(final, QatResult) else None
+    if quantized is None or not quantized.runtime_targets:
+        return []
+    return list(dict.fromkeys(quantized.runtime_targets[b] for b in sorted(quantized.runtime_targets)))
 
 
 def _unpruned_int8(original: Path, results: list[StageResult], config: CompressConfig, out_dir: Path) -> Path | None:

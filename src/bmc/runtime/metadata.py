@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bmc.errors import BmcError
 from bmc.runtime.target import Target
 
 PREFIX = "bmc."
+PROTOBUF_LIMIT_BYTES = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,26 @@ def _runtime_targets(values: dict) -> dict[int, Target]:
     except (BmcError, ValueError, TypeError):
         return {}
     return targets
+
+
+def write_with_metadata(source: Path, target: Path, metadata: ModelMetadata) -> None:
+    """source's graph and weights at target (atomically) with bmc's metadata keys set from metadata
+    (its other keys kept), and target's manifest written for every file it consists of."""
+    import onnx
+
+    from bmc.manifest import manifest_of_files, write_manifest
+
+    proto = onnx.load(str(source), load_external_data=True)
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.to_props().items():
+        entry = existing.get(key) or proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        large = proto.ByteSize() > PROTOBUF_LIMIT_BYTES - (64 << 20)
+    except ValueError:  # some protobuf builds refuse to even size a message over the limit
+        large = True
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    onnx.save_model(proto, str(partial), save_as_external_data=large, all_tensors_to_one_file=True, location=f"{target.name}.data",
+                    size_threshold=1024)
+    os.replace(partial, target)
+    write_manifest(target, manifest_of_files(target))

@@ -100,7 +100,10 @@ class QuantizeConfig:
     min_speedup: float = 1.0  # the speed guarantee: faster than fp32 at every batch size
     batch_sizes: tuple[int, ...] = (1, 32)
     seconds_per_timing: float = 1.0
-    threads: int | None = None
+    threads: int | None = None  # fixed threads for every target; None: the runtimes' defaults, and one thread tried too
+    # The runtimes int8 and fp32 files are timed on (None: every one installed and working here);
+    # the handed-over file records its fastest per batch size.
+    runtimes: tuple[str, ...] | None = None
     seed: int = 0
     measure_accuracy: bool = True  # False: speed only (random-weight models, synthetic calibration data)
     # How images become inputs of an ONNX file whose metadata does not say (compress resolves every field).
@@ -119,6 +122,14 @@ class QuantizeConfig:
             raise UsageError(f"seconds_per_timing must be in (0, 60]; got {self.seconds_per_timing}")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise UsageError(f"threads must be in [1, 1024]; got {self.threads}")
+        if self.runtimes is not None:
+            from bmc.runtime.registry import get_runtime
+
+            object.__setattr__(self, "runtimes", tuple(dict.fromkeys(self.runtimes)))
+            if not self.runtimes:
+                raise UsageError("runtimes must name at least one runtime, or be None for every one installed")
+            for name in self.runtimes:
+                get_runtime(name)  # "unknown runtime 'x'; known: ..."
         if self.calib_data is not None and self.calib_data not in FILE_SOURCES:
             from bmc.data import list_datasets
 

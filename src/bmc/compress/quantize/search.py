@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bmc.artifact import sha256_file, write_sidecar_sha256
@@ -24,6 +24,7 @@ from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.quantize.calibration import Calibration, prepare
 from bmc.compress.quantize.config import QuantizeConfig
 from bmc.compress.quantize.recipes import QuantRecipe, candidate_recipes, plain_recipes, quantize_with_recipe
+from bmc.compress.quantize.runtimes import FP32, choose_file, file_choices, onnxruntime_only, search_targets
 from bmc.compress.quantize.sensitivity import sensitive_nodes
 from bmc.errors import BmcError
 from bmc.runtime.target import Target
@@ -35,6 +36,7 @@ SPEED_TIE = 0.03
 # Sensitive layers kept in float, tried in this order until one meets the budget.
 FALLBACK_FLOAT_LAYERS = (1, 2, 4, 8)
 INT8_FILE = "model-int8.onnx"
+FP32_FILE = "model-fp32.onnx"  # the fp32 model, handed over where another runtime or setting runs it faster
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Candidate:
     target: Target = field(default_factory=Target)  # the runtime it was measured on
     accepted: bool = False
     reason: str = ""
+    chosen_for: tuple[int, ...] = ()  # the batch sizes the handed-over file runs as this pair
 
     @property
     def mean_speedup(self) -> float:
@@ -67,7 +70,7 @@ class CalibrationSummary:
 
 @dataclass
 class QuantizeResult:
-    """Post-training int8: the chosen file (None when fp32 is kept) and every candidate's figures."""
+    """Post-training int8: the file handed over (None when fp32 stays on onnxruntime's defaults) and every candidate's figures."""
 
     source: str
     chosen: str | None
@@ -79,6 +82,13 @@ class QuantizeResult:
     cpu_flags: list[str] = field(default_factory=list)
     calibration: CalibrationSummary | None = None
     note: str = ""
+    # The handed-over file's runtime target per batch size (empty when fp32 stays on onnxruntime's
+    # defaults), its speed-ups against fp32 on onnxruntime, and the best int8 on onnxruntime's
+    # defaults alone measured in the same run: what other runtimes and settings added.
+    runtime_targets: dict[int, Target] = field(default_factory=dict)
+    chosen_speedup: dict[int, float] = field(default_factory=dict)
+    onnxruntime_only_speedup: dict[int, float] = field(default_factory=dict)
+    targets_searched: list[Target] = field(default_factory=list)
 
 
 def judge(candidate: Candidate, config: QuantizeConfig) -> tuple[bool, str]:
@@ -92,21 +102,9 @@ def judge(candidate: Candidate, config: QuantizeConfig) -> tuple[bool, str]:
     return True, "faster everywhere and within the accuracy budget"
 
 
-def choose_candidate(accepted: list[Candidate]) -> Candidate | None:
-    """The fastest accepted candidate (geometric mean of its speed-ups), except that among those
-    within SPEED_TIE of it the smallest file wins: closer than that is timing noise on a shared
-    machine, while size is exact (resnet20 pruned: three recipes at 1.68-1.69x, QDQ chosen by 0.5%
-    at 162.8 kB where QOperator's 148.1 kB was as fast)."""
-    if not accepted:
-        return None
-    fastest = max(c.mean_speedup for c in accepted)
-    near = [c for c in accepted if c.mean_speedup >= fastest * (1 - SPEED_TIE)]
-    return min(near, key=lambda c: (c.size_bytes, c.accuracy_drop_points or 0.0, -c.mean_speedup))
-
-
 def lost_on_accuracy_only(result: QuantizeResult, config: QuantizeConfig) -> bool:
     """No candidate accepted, but one was fast enough and failed only the accuracy budget."""
-    return result.chosen is None and any(
+    return result.chosen_recipe in (None, FP32) and any(
         _fast_enough(c, config) and c.accuracy_drop_points > config.max_accuracy_drop_points for c in result.candidates
     )
 
@@ -136,30 +134,41 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
             made.append((recipe.name, path))
             recipes[recipe.name] = recipe
         reference = Path(baseline_path) if baseline_path is not None else model_path
-        candidates, baseline = _measure(reference, made, config, calibration.data)
+        targets = search_targets(config.runtimes, "cpu", config.threads)
+        # The fp32 model itself on the other targets, where it is the model the search started from
+        # (quantization-aware fine-tuning judges against the original, which it cannot hand over).
+        fp32_elsewhere = [(FP32, reference)] if baseline_path is None and len(targets) > 1 else []
+        candidates, baseline = _measure(reference, made, config, calibration.data, targets, fp32_elsewhere)
         fallback_note = ""
-        fast_enough = [c for c in candidates if _fast_enough(c, config)]
-        if not any(c.accepted for c in candidates) and config.measure_accuracy and fast_enough:
+        fast_enough = [c for c in candidates if c.recipe != FP32 and _fast_enough(c, config)]
+        if not any(c.accepted for c in candidates if c.recipe != FP32) and config.measure_accuracy and fast_enough:
             fastest = recipes[max(fast_enough, key=lambda c: c.mean_speedup).recipe]
-            more, fallback_note = _accuracy_fallback(reference, calibration, fastest, work, config)
+            more, fallback_note = _accuracy_fallback(reference, calibration, fastest, work, config, targets)
             candidates.extend(more)
-        chosen = choose_candidate([c for c in candidates if c.accepted])
+        choices = file_choices(candidates, config.batch_sizes, config.max_accuracy_drop_points, config.min_speedup, targets[0],
+                               baseline.size_bytes, SPEED_TIE)
+        choice = choose_file(choices, SPEED_TIE, targets[0])
+        for candidate in candidates:
+            candidate.chosen_for = tuple(b for b, t in choice.targets.items() if candidate.recipe == choice.label and candidate.target == t)
+        on_defaults = all(t == targets[0] for t in choice.targets.values())
         chosen_path = None
-        if chosen is not None:
-            chosen_path = out_dir / INT8_FILE
-            os.replace(chosen.path, chosen_path)
-            write_sidecar_sha256(chosen_path, sha256_file(chosen_path))
-            note = f"int8 by {chosen.recipe}: " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in chosen.speedup.items())
-        else:
+        if choice.label == FP32 and on_defaults:
             note = "kept fp32: no int8 recipe was faster at every batch size within the accuracy budget"
+        else:
+            source = reference if choice.label == FP32 else next(Path(c.path) for c in candidates if c.recipe == choice.label)
+            chosen_path = out_dir / (FP32_FILE if choice.label == FP32 else INT8_FILE)
+            _hand_over(source, chosen_path, choice.targets)
+            what = "kept fp32, on a faster runtime or setting" if choice.label == FP32 else f"int8 by {choice.label}"
+            note = f"{what}: " + ", ".join(f"{s:.2f}x at batch {b} on {choice.targets[b].label}" for b, s in choice.speedup.items())
         if fallback_note:
             note += f" ({fallback_note})"
         for candidate in candidates:
-            candidate.path = str(chosen_path) if candidate is chosen else ""
+            candidate.path = str(chosen_path) if candidate.recipe == choice.label and chosen_path is not None else ""
+        ort_best = onnxruntime_only(candidates, config.batch_sizes, config.max_accuracy_drop_points, targets[0])
         return QuantizeResult(
             source=str(model_path),
             chosen=str(chosen_path) if chosen_path else None,
-            chosen_recipe=chosen.recipe if chosen else None,
+            chosen_recipe=choice.label if chosen_path else None,
             baseline_accuracy=baseline.accuracy,
             baseline_latency_ms={b: round(ms, 4) for b, ms in baseline.latency_ms.items()},
             baseline_size_bytes=baseline.size_bytes,
@@ -167,6 +176,10 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
             cpu_flags=flags,
             calibration=CalibrationSummary(calibration.data, calibration.samples, config.calib_method),
             note=note,
+            runtime_targets=dict(choice.targets) if chosen_path else {},
+            chosen_speedup={b: round(v, 3) for b, v in choice.speedup.items()},
+            onnxruntime_only_speedup={b: round(v, 3) for b, v in ort_best.items()},
+            targets_searched=list(targets),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -191,12 +204,15 @@ def quantize_like(model_path: Path, target: Path, recipe_name: str, config: Quan
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(reference: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str):
-    """fp32 and every labelled int8 file measured in one run: (the judged candidates, fp32's measurement)."""
-    measured_on = Target(device="cpu", threads=config.threads)
+def _measure(reference: Path, labelled: list[tuple[str, Path]], config: QuantizeConfig, data_name: str,
+             targets: tuple[Target, ...], fp32_elsewhere: list[tuple[str, Path]] = ()):
+    """fp32 on the first target and every labelled file on every target, in one run (fp32_elsewhere:
+    files on every target but the first): (the judged candidates, fp32's measurement)."""
+    contenders = [Contender(path, label, target) for label, path in fp32_elsewhere for target in targets[1:]]
+    contenders += [Contender(path, label, target) for label, path in labelled for target in targets]
     comparison = compare(
-        Contender(reference, "fp32", measured_on),
-        [Contender(path, label, measured_on) for label, path in labelled],
+        Contender(reference, "fp32", targets[0]),
+        contenders,
         settings=Settings(config.batch_sizes, config.seconds_per_timing, data_name if config.measure_accuracy else None, config.calib_data_dir),
     )
     candidates = []
@@ -212,9 +228,21 @@ def _measure(reference: Path, labelled: list[tuple[str, Path]], config: Quantize
             latency_ms={b: round(ms, 4) for b, ms in measured.latency_ms.items()},
             target=measured.contender.target,
         )
-        candidate.accepted, candidate.reason = judge(candidate, config)
+        if measured.unopened:
+            candidate.accepted, candidate.reason = False, f"{measured.contender.target.label} cannot run it: {measured.unopened}"
+        else:
+            candidate.accepted, candidate.reason = judge(candidate, config)
         candidates.append(candidate)
     return candidates, comparison.baseline
+
+
+def _hand_over(source: Path, target: Path, runtime_targets: dict[int, Target]) -> None:
+    """source written as target with the chosen runtime target per batch size in its metadata, and its manifest."""
+    from bmc.runtime.metadata import ModelMetadata, write_with_metadata
+    from bmc.runtime.model_file import open_model
+
+    metadata = ModelMetadata.from_props(open_model(source).metadata_props)
+    write_with_metadata(source, target, replace(metadata, runtime_targets=dict(runtime_targets)))
 
 
 def _fast_enough(candidate: Candidate, config: QuantizeConfig) -> bool:
@@ -223,7 +251,7 @@ def _fast_enough(candidate: Candidate, config: QuantizeConfig) -> bool:
 
 
 def _accuracy_fallback(reference: Path, calibration: Calibration, recipe: QuantRecipe, work: Path,
-                       config: QuantizeConfig) -> tuple[list[Candidate], str]:
+                       config: QuantizeConfig, targets: tuple[Target, ...]) -> tuple[list[Candidate], str]:
     """When every recipe fast enough loses too much accuracy: the fastest one (`recipe`) again with
     another calibration method, and with its most sensitive layers left in float. Returns (new candidates, note)."""
     labelled = []
@@ -244,7 +272,7 @@ def _accuracy_fallback(reference: Path, calibration: Calibration, recipe: QuantR
         labelled.append((f"{recipe.name}, {count} sensitive layer{'s' if count > 1 else ''} in float: {', '.join(excluded)}", path))
     if not labelled:
         return [], ""
-    more, _ = _measure(reference, labelled, config, calibration.data)
+    more, _ = _measure(reference, labelled, config, calibration.data, targets)
     scanned = ", ".join(f"{name} {drop:.1f} dB" for name, drop in ranked[:4])
     return more, (f"accuracy fallback on {recipe.name}: {other_method} calibration and up to {len(labelled) - 1} "
                   f"sensitivity-ranked layer sets in float; most sensitive: {scanned}")
