@@ -253,7 +253,7 @@ def test_accuracy_fallback_keeps_the_sensitive_layers_in_float(workdir):
     save_checkpoint(run.run_dir, model, None, meta)
     path = export(ExportConfig(run_dir=run.run_dir)).path
     # Speed is not what this test is about: a tiny CNN is no faster in int8.
-    result = quantize_int8(path, workdir / "q", QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01))
+    result = quantize_int8(path, workdir / "q", dataclasses.replace(QUICK, min_speedup=0.01))
     plain = [c for c in result.candidates if c.recipe in _plain_recipes_here()]
     assert plain and all(not c.accepted and c.reason.startswith("loses") for c in plain)
     two_in_float = next(c for c in result.candidates if "2 sensitive layers in float" in c.recipe)

@@ -28,7 +28,8 @@ from bmc.runtime.model_file import open_model
 
 from conftest import assert_one_line_error, run_bmc
 
-QUICK = QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01, max_accuracy_drop_points=100)
+# One target: these tests are about inputs and calibration (the search over runtimes: test_compress_runtimes.py).
+QUICK = QuantizeConfig(calib_samples=64, seconds_per_timing=0.2, min_speedup=0.01, max_accuracy_drop_points=100, runtimes=("onnxruntime",), threads=1)
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 

@@ -60,7 +60,8 @@ def summarize(original: Path, results: list[StageResult], config: CompressConfig
     reference = _unpruned_int8(original, results, config, out_dir) if prune is not None else None
     if reference is not None:
         produced.append((NOT_PRUNED, reference))
-    measured_on = Target(device="cuda" if config.target == "cuda" and cuda_works() else "cpu")
+    # On the threads the search's baseline ran on, so the original here is the search's baseline.
+    measured_on = Target(device="cuda" if config.target == "cuda" and cuda_works() else "cpu", threads=config.quantization.threads)
     # fp32 handed over for a faster runtime or setting is the original on onnxruntime: no row of its own there.
     contenders = [Contender(path, label, measured_on) for label, path in produced if label != FP32]
     # The handed-over file on each runtime target it was chosen for, beside its row on onnxruntime.
