@@ -15,26 +15,58 @@ TORCHVISION_PREFIX = "torchvision:"
 
 
 @dataclass(frozen=True)
+class ModelRecipe:
+    """What an architecture needs from training whatever the data set. Each value set here replaces
+    the data set's recipe (bmc.data.Recipe) where the user gave none; None leaves it to the data set."""
+
+    adamw_lr: float | None = None
+    sgd_lr: float | None = None
+    epochs: int | None = None
+    warmup_fraction: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        # Registered in code, so a bad value is the registrant's mistake, found at import.
+        for field_name, low, high in (
+            ("adamw_lr", 0, 100), ("sgd_lr", 0, 100), ("epochs", 1, 100_000), ("warmup_fraction", 0, 1), ("weight_decay", 0, 1)
+        ):
+            value = getattr(self, field_name)
+            rate = field_name.endswith("_lr")
+            if value is not None and not (low < value <= high if rate else low <= value <= high):
+                raise ValueError(f"ModelRecipe.{field_name} must be in {'(' if rate else '['}{low}, {high}]; got {value}")
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     factory: Callable[..., Any]
     description: str
-    # Some architectures fix their input resolution (the documents' 224 px CNN); the data is resized to it.
+    # Some architectures fix their input resolution (seed-cnn224's 224 px); the data is resized to it.
     input_size: int | None = None
     conv_net: bool = True
+    # A ModelRecipe, or a function of the model's arguments giving one (presets of different widths
+    # tolerate different rates).
+    recipe: ModelRecipe | Callable[..., ModelRecipe] = ModelRecipe()
 
 
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, description: str = "", input_size: int | None = None, conv_net: bool = True):
-    """Decorator: make factory(input_shape, num_classes, **kwargs) available as `--model NAME`."""
+def register_model(
+    name: str,
+    description: str = "",
+    input_size: int | None = None,
+    conv_net: bool = True,
+    recipe: ModelRecipe | Callable[..., ModelRecipe] = ModelRecipe(),
+):
+    """Decorator: make factory(input_shape, num_classes, **kwargs) available as `--model NAME`,
+    trained by its recipe over the data set's where it sets a value."""
 
     def decorate(factory):
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
         doc = description or (factory.__doc__ or "").strip().splitlines()[0]
-        _MODELS[name] = ModelEntry(name, factory, doc, input_size, conv_net)
+        _MODELS[name] = ModelEntry(name, factory, doc, input_size, conv_net, recipe)
         return factory
 
     return decorate
@@ -64,6 +96,12 @@ def model_entry(name: str) -> ModelEntry:
             f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}, or torchvision:<name>"
         )
     return entry
+
+
+def model_recipe(name: str, model_args: dict | None = None) -> ModelRecipe:
+    """The training settings model `name` built with model_args asks for (ModelRecipe() for none)."""
+    recipe = model_entry(name).recipe
+    return recipe if isinstance(recipe, ModelRecipe) else recipe(**(model_args or {}))
 
 
 def model_input_shape(name: str, data_shape: tuple[int, ...]) -> tuple[int, ...]:

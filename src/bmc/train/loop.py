@@ -91,7 +91,7 @@ def train(
 def _train(config, placement: Placement, progress, resume_dir, resume_state, initial_model, teacher, point_latest) -> Run:
     # ---- set-up: data, recipe, model, optimizer; every device and precision decision is made here
     dataset = load_dataset(config.data)
-    config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model, lambda m: model_entry(m).conv_net)
+    config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model)
     if config.batch_size % placement.world_size:
         raise UsageError(f"--batch-size {config.batch_size} must divide by the {placement.world_size} processes")
     device = placement.device
@@ -114,8 +114,8 @@ def _train(config, placement: Placement, progress, resume_dir, resume_state, ini
     else:
         model = create_model(config.model, dataset.input_shape, dataset.num_classes, **config.model_args)
     if teacher is not None:
-        # Moved in place, not copied: the teacher only runs forward under no_grad, and a copy of the
-        # documents' 1.6 GB model pushed compress past 12 GiB (12.1 measured).
+        # Moved in place, not copied: the teacher only runs forward under no_grad, and a copy of
+        # seed-cnn224 (1.6 GB in fp32) pushed compress past 12 GiB (12.1 measured).
         teacher = teacher.eval().to(device=device, memory_format=memory_format)
     if resume_state is not None:
         load_state_into(model, resume_state.model_state, resume_dir)
@@ -271,7 +271,7 @@ def save_run(config: TrainConfig, model: torch.nn.Module, point_latest: bool = F
     (epoch 0 of its history); returns the Run. What `bmc compress --finetune-epochs 0` keeps of a
     pruned model: not one step, so not even BatchNorm's running statistics move."""
     dataset = load_dataset(config.data)
-    config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model, lambda m: model_entry(m).conv_net)
+    config = resolve_recipe(config, dataset.name, dataset.task, dataset.default_model)
     placement, device = Placement(torch.device("cpu")), torch.device("cpu")
     model = copy.deepcopy(model).to(device).eval()
     resized = model_input_shape(config.model, dataset.input_shape)
