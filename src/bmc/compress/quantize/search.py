@@ -95,8 +95,7 @@ def judge(candidate: Candidate, config: QuantizeConfig) -> tuple[bool, str]:
 def choose_candidate(accepted: list[Candidate]) -> Candidate | None:
     """The fastest accepted candidate (geometric mean of its speed-ups), except that among those
     within SPEED_TIE of it the smallest file wins: closer than that is timing noise on a shared
-    machine, while size is exact (resnet20 pruned: three recipes at 1.68-1.69x, QDQ chosen by 0.5%
-    at 162.8 kB where QOperator's 148.1 kB was as fast)."""
+    machine, while size is exact (docs/experiments.md, 4.15)."""
     if not accepted:
         return None
     fastest = max(c.mean_speedup for c in accepted)
