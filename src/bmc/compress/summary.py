@@ -22,9 +22,8 @@ from bmc.compress.report import (
     SummaryRow,
 )
 
-# Timing per model and batch size over all rounds: a single pass of 0.5 s per model once timed the
-# original 6% slower than alternating rounds did (resnet20 depth-pruned at batch 32: 1.88x in one
-# pass, 1.77x best-of-rounds; benchmarks/results/interleaved_speedup_resnet20.json).
+# Timing per model and batch size over all rounds (compare.py alternates the models): a single pass
+# once timed the original 6% slower than alternating rounds did (docs/experiments.md, 4.6).
 SUMMARY_SECONDS = 0.6
 UNPRUNED_INT8 = "model-int8-unpruned.onnx"
 NOT_PRUNED = "int8, not pruned"

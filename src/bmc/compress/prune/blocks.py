@@ -48,9 +48,8 @@ def drop_cheapest_blocks(model: nn.Module, example: torch.Tensor, macs_fraction:
     within the target (channels inside the remaining blocks make up the rest); None without any.
 
     Whole blocks take their operators with them: on a CPU, where a narrow convolution costs its
-    per-call overhead whatever its width, resnet20 without 4 of its 9 blocks (46% of MACs) runs
-    1.9x faster in fp32 and 3.3x in int8 at batch 32, against 1.4x and 1.8x for 53% of MACs taken
-    from channels (benchmarks/results/prune_allocation.json).
+    per-call overhead whatever its width, dropping blocks buys more time per MAC than cutting
+    channels (docs/experiments.md, 4.5).
     """
     trial_example = example.to(trial_device(model))
     chosen: list[tuple[str, str]] = []

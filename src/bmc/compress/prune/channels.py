@@ -132,9 +132,8 @@ def _plan_graph(scope: str, module: nn.Module, inputs: tuple, context: _Model, r
                 # which made MACs fall and rise again with the ratio once the residual streams are
                 # kept; that cut rounds to the nearest multiple itself. Elsewhere layers of
                 # WIDE_LAYER_CHANNELS or more round to the nearest multiple too, narrower ones down:
-                # nearest rounding everywhere cut the digits CNN's 16-channel layer to 8 and cost 1.1
-                # points (3.6 in 3 gradual steps), while rounding down wide layers overshot the target
-                # (seed-mlp on digits: 57% of MACs for --prune 0.5, -1.39 points; 53% and -0.83 now).
+                # nearest rounding halves a narrow layer, rounding down overshoots the target on wide
+                # ones (docs/experiments.md, 4.16).
                 round_to=None if cut.keep_residual_channels else round_to,
                 global_pruning=cut.global_ranking,
             )

@@ -20,7 +20,7 @@ def count_macs_and_params(model: nn.Module, example: torch.Tensor) -> tuple[int,
 
 # Above this many bytes of weights a cut is tried on a meta copy: seed-cnn224 (1.6 GB) spent 12
 # minutes in deep copies during the ratio search. Below it a plain copy is much faster, since meta
-# kernels run in Python (a 16-channel convolution: 9 ms on meta, 0.05 ms on the CPU).
+# kernels run in Python (docs/experiments.md, 4.17).
 META_ABOVE_BYTES = 64 << 20
 
 

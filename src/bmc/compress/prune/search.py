@@ -138,7 +138,7 @@ def _prune_structured(model, example, target: PruneTarget, strategy: Strategy, p
 def _small_forwards_on_one_thread(model: nn.Module) -> Iterator[None]:
     """The search runs hundreds of forward passes of one sample; on a small model a second thread
     only waits for the first, and on a busy machine that wait made resnet20's search 10x slower
-    (5 s on one thread, 60 s on two with 4 processes per core)."""
+    (docs/experiments.md, 4.17)."""
     if trial_device(model).type == "meta":
         yield
         return

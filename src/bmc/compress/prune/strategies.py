@@ -30,12 +30,11 @@ class Cut:
 
 UNIFORM = Cut("uniform")
 # Where no residual block can go, depth falls back to this: the streams that additions join keep
-# their width. resnet20, 53% of MACs removed, 5 distilled epochs: 84.67% like uniform pruning
-# (55%), and 1.43x instead of 1.21x in fp32 at batch 32, 2.02x instead of 1.70x in int8
-# (benchmarks/results/prune_allocation.json).
+# their width, which is faster than uniform pruning at the same accuracy (docs/experiments.md, 4.5).
 BLOCK_INTERNAL = Cut("block-internal channels only", keep_residual_channels=True)
-# resnet20, 50% of MACs, 15 distilled epochs: 86.29% against block-internal's 85.70%, 1.90x
-# against 1.35x in fp32 and 3.52x against 1.95x in int8 at batch 32 (BENCHMARKS.md).
+# The default: a block takes its operators' fixed costs with it, which channels do not. On resnet20
+# at half the MACs, 1.90x faster in fp32 at batch 32 against block-internal's 1.35x, and more
+# accurate (docs/experiments.md, 4.6).
 DEPTH = Cut("residual blocks dropped, then block-internal channels", keep_residual_channels=True, drop_blocks=True)
 # Narrow convolutions are dominated by per-operator overhead on a CPU, not by arithmetic: removing
 # their channels takes MACs without taking time (resnet20's 16-channel stage, measured).

@@ -45,12 +45,10 @@ class QuantRecipe:
 def candidate_recipes(cpu_flags: list[str] | tuple[str, ...]) -> list[QuantRecipe]:
     """The recipes worth trying on a CPU with these flags, most promising first.
 
-    Measured on resnet20 (BENCHMARKS.md): with VNNI/AMX, QDQ U8S8 and QOperator U8U8 per-channel
-    run 1.4x (batch 1) and 1.9x (batch 32) faster than fp32 while QOperator U8S8 is 2x slower at
-    batch 32 and S8S8 is 2-25x slower; reduce_range kept accuracy (86.58% against 86.42%).
-    Without VNNI: QOperator U8S8 per-channel with reduce_range is the fast and accurate one (1.45x /
-    1.71x, no accuracy loss), QDQ U8S8 next. With AMX, one more: the convolutions routed to
-    onnxruntime's int8 GEMM, the only kernel of its that uses AMX tiles.
+    With VNNI/AMX, QDQ U8S8 and QOperator U8U8 per-channel lead; S8S8 is never a candidate (slower
+    than fp32 on resnet20); 7-bit weights (reduce_range) cost no accuracy. Without VNNI, QOperator
+    U8S8 with reduce_range leads. With AMX, one more: the convolutions routed to onnxruntime's int8
+    GEMM, the only kernel of its that uses AMX tiles. Figures: docs/experiments.md, 4.14.
     """
     if any(flag in cpu_flags for flag in VNNI_FLAGS):
         recipes = [

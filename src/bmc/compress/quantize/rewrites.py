@@ -63,9 +63,9 @@ def route_convolutions_where_faster(path: Path, batch_sizes: tuple[int, ...] = (
     """Route to onnxruntime's int8 GEMM only the convolutions that run faster there, by the kernel
     times of one profiled session of each form at each batch size; returns the routed nodes' names.
 
-    Which form wins depends on the layer's shape: with AMX on this Xeon (BENCHMARKS.md), every
-    convolution routed made torchvision resnet18 at 224 px 4.1x faster than fp32 at batch 32
-    instead of 2.9x, but mobilenet_v2's 1x1 convolutions and resnet20's 16-64 channel ones slower.
+    Which form wins depends on the layer's shape: with AMX, most of resnet18's convolutions run
+    faster as a GEMM, but mobilenet_v2's 1x1 ones and resnet20's 16-64 channel ones slower
+    (docs/experiments.md, 4.2 and 4.3).
     """
     import re
 
@@ -97,8 +97,8 @@ def compact_constants(path: Path) -> None:
     names for constants ("/layers/layers.0/conv1/Conv_output_0_zero_point", one per scale, zero point
     and weight), renamed c0, c1, ... Node and activation names stay, so profiles still name layers.
 
-    On resnet20 those bytes were 5% of the int8 file (304.6 against 289.8 kB): 3.60x smaller than
-    fp32 before, 3.79x after, where 4x is the limit of one byte per weight.
+    On resnet20 those bytes were 5% of the int8 file, where 4x smaller than fp32 is the limit of
+    one byte per weight (docs/experiments.md, 4.1).
     """
     import onnx
 
