@@ -75,7 +75,7 @@ class CompressConfig:
         if self.target == "cuda" and self.quantize in ("int8", "int8-dynamic"):
             raise UsageError(f"{self.quantize} models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
         if self.qat and self.quantization_format != "int8":
-            raise UsageError("--qat fine-tunes for static int8: it goes with --quantize int8 (the default on --target cpu)")
+            raise UsageError("--qat fine-tunes for int8 (static, calibrated): it goes with --quantize int8 (the default on --target cpu)")
         if self.finetune_epochs == 0 and (self.qat or self.student):
             what = "quantization-aware fine-tuning" if self.qat else "training the student"
             raise UsageError(f"--finetune-epochs 0 leaves nothing to train: {what} needs at least 1 epoch")
