@@ -2,8 +2,9 @@
 
 The obvious call (`quantize_static` on a fresh export) often gives a slower model, or one that
 silently loses accuracy. So the graph is pre-processed once, a short list of recipes that suit this
-CPU (and, where matrix products do most of the work, dynamic int8) is quantized, every candidate is measured against the fp32 model in the same run (speed at
-each batch size, accuracy on held-out data), and the fastest one that is faster everywhere and
+CPU (dynamic int8 among them where matrix products do most of the work) is quantized, every
+candidate is measured against the fp32 model in the same run (speed at each batch size, accuracy
+on held-out data), and the fastest one that is faster everywhere and
 within the accuracy budget is kept (the smallest file among those within timing noise of it), or
 fp32 is kept and the report says why. When the recipes are fast enough but lose too much, the
 fastest is retried with another calibration method and with its most sensitive layers in float.
