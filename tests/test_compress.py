@@ -919,7 +919,7 @@ def test_bad_requests_fail_with_one_line_before_any_work(workdir):
     (workdir / "model.pt").write_bytes(b"")
     for config, message in (
         (dict(prune=1.2), r"prune must be in \[0, 0.95\]"),
-        (dict(quantize="int3"), "quantize must be one of auto, none, int8, fp16; got 'int3'"),
+        (dict(quantize="int3"), "quantize must be one of auto, none, int8, int8-dynamic, fp16; got 'int3'"),
         (dict(quantize="qat"), "quantization-aware training is a training method: --qat"),
         (dict(prune=0.5, prune_params=1.5), r"prune_params must be in \[0, 0.95\]"),
         (dict(prune_params=0.5), "--prune-params goes with structured pruning"),
@@ -937,7 +937,7 @@ def test_bad_requests_fail_with_one_line_before_any_work(workdir):
     ):
         with pytest.raises(UsageError, match=message):
             CompressConfig(**config)
-    assert_one_line_error(run_bmc("compress", "--quantize", "int3", cwd=workdir), "quantize must be one of auto, none, int8, fp16; got 'int3'")
+    assert_one_line_error(run_bmc("compress", "--quantize", "int3", cwd=workdir), "quantize must be one of auto, none, int8, int8-dynamic, fp16; got 'int3'")
 
 
 def test_the_old_spellings_still_mean_what_they_meant_or_say_what_replaced_them(workdir):

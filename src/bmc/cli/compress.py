@@ -43,7 +43,8 @@ def compress_command(
     qat: bool = typer.Option(False, "--qat", help="Fine-tune under simulated int8 before int8 (quantization-aware training).", rich_help_panel=TRAINING),
     teacher: Optional[Path] = typer.Option(None, "--teacher", hidden=True),  # before: the teacher run; now the argument
     quantize: str = typer.Option(
-        "auto", "--quantize", help="int8, fp16 or none, kept only if measured faster; auto: int8 for cpu, fp16 for cuda.", rich_help_panel=QUANTIZATION,
+        "auto", "--quantize", help="int8, int8-dynamic, fp16 or none, kept only if measured faster; auto: int8 for cpu, fp16 for cuda. int8 tries "
+             "dynamic int8 too where MatMul/Gemm/LSTM do most of the work; int8-dynamic tries it alone (no calibration).", rich_help_panel=QUANTIZATION,
     ),
     target: str = typer.Option("cpu", "--target", help="cpu or cuda: where the model will run, and is timed.", rich_help_panel=QUANTIZATION),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Largest accepted accuracy loss, in points.", rich_help_panel=QUANTIZATION),

@@ -10,7 +10,9 @@ from bmc.compress.quantize.config import FILE_SOURCES, QuantizeConfig
 from bmc.errors import UsageError
 
 # "auto" is the target's fast path: int8 on a CPU, fp16 on CUDA (where int8 QDQ models have no int8 kernels).
-QUANTIZATIONS = ("auto", "none", "int8", "fp16")
+# "int8" tries static recipes, and dynamic int8 too where matrix products do most of the work;
+# "int8-dynamic" dynamic int8 alone (weights quantized ahead, activations per batch: no calibration).
+QUANTIZATIONS = ("auto", "none", "int8", "int8-dynamic", "fp16")
 TARGETS = ("cpu", "cuda")
 
 
@@ -65,15 +67,15 @@ class CompressConfig:
             raise UsageError(f"kd_temperature must be in (0, 100]; got {self.kd_temperature}")
         _check_range("kd_alpha", self.kd_alpha, 0, 1, "the weight of the teacher's soft targets")
         if self.quantize == "qat":
-            raise UsageError("quantize must be one of auto, none, int8, fp16; quantization-aware training is a training method: --qat (qat=True)")
+            raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; quantization-aware training is a training method: --qat (qat=True)")
         if self.quantize not in QUANTIZATIONS:
             raise UsageError(f"quantize must be one of {', '.join(QUANTIZATIONS)}; got {self.quantize!r}")
         if self.target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
-        if self.target == "cuda" and self.quantize == "int8":
-            raise UsageError("int8 QDQ models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
+        if self.target == "cuda" and self.quantize in ("int8", "int8-dynamic"):
+            raise UsageError(f"{self.quantize} models run slower than fp16 on onnxruntime's CUDA provider; use --quantize fp16 for --target cuda")
         if self.qat and self.quantization_format != "int8":
-            raise UsageError("--qat fine-tunes for int8: it goes with --quantize int8 (the default on --target cpu)")
+            raise UsageError("--qat fine-tunes for int8 (static, calibrated): it goes with --quantize int8 (the default on --target cpu)")
         if self.finetune_epochs == 0 and (self.qat or self.student):
             what = "quantization-aware fine-tuning" if self.qat else "training the student"
             raise UsageError(f"--finetune-epochs 0 leaves nothing to train: {what} needs at least 1 epoch")
@@ -111,7 +113,7 @@ class CompressConfig:
 
     @property
     def quantization_format(self) -> str:
-        """int8, fp16 or none: "auto" resolved for the target."""
+        """int8, int8-dynamic, fp16 or none: "auto" resolved for the target."""
         if self.quantize == "auto":
             return "fp16" if self.target == "cuda" else "int8"
         return self.quantize

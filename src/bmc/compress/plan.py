@@ -1,7 +1,7 @@
 """compress as a plan: the config resolved against its source, the stage list built once from it,
 then `for stage in plan: artifact, result = stage(artifact, config)`, and the closing report.
 
-    export (where the run has no model.onnx) -> prune | sparsify -> distill -> fp16 | int8 (-> qat where int8 lost accuracy only) | qat
+    export (where the run has no model.onnx) -> prune | sparsify -> distill -> fp16 | int8 (-> qat where int8 lost accuracy only) | int8-dynamic | qat
     an ONNX file: its data and preprocessing decided (inputs.py), then int8
 
 Stage modules are imported where the plan needs them: quantizing an ONNX file never imports torch.
@@ -74,11 +74,11 @@ def build_plan(config: CompressConfig) -> list[Stage]:
         from bmc.compress.qat import qat
 
         plan.append(qat)
-    elif config.quantize == "int8":
+    elif config.quantize in ("int8", "int8-dynamic"):
         from bmc.compress.int8 import int8
 
         plan.append(int8)
-        if not config.source_is_onnx:
+        if config.quantize == "int8" and not config.source_is_onnx:
             # Post-training int8 fast enough but short on accuracy, even with layers left in float:
             # the next of its fallbacks is quantization-aware fine-tuning.
             from bmc.compress.qat import qat_where_int8_lost_accuracy

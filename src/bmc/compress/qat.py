@@ -109,7 +109,8 @@ def _fine_tune_then_int8(artifact: Artifact, config: CompressConfig, fallback: b
     tuned = finetune(recipe, enable_fake_quant(copy.deepcopy(model)), epochs, model if config.distill else None)
     exported = export_run(tuned.run_dir)
     scratch = artifact.out_dir / "qat"
-    quantized = quantize_int8(exported.path, scratch, config.quantization, baseline_path=artifact.onnx)
+    # Fine-tuned for calibrated ranges: static recipes only.
+    quantized = quantize_int8(exported.path, scratch, config.quantization, baseline_path=artifact.onnx, recipes_tried="static")
     chosen = None
     if quantized.chosen is not None:
         chosen = artifact.out_dir / INT8_FILE

@@ -123,3 +123,38 @@ def compact_constants(path: Path) -> None:
         for node in graph.node:
             node.input[:] = [renamed.get(name, name) for name in node.input]
     atomic_write_bytes(path, model.SerializeToString())
+
+
+def gemms_as_matmuls(source: Path, target: Path) -> int:
+    """source written to target with each Gemm that is a plain product (alpha = beta = 1, A not
+    transposed, B a constant only it reads) as MatMul, then Add of its bias: the same values, in
+    the operator onnxruntime's dynamic quantization has an integer kernel for. Returns how many were
+    rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    constants = {c.name: c for c in graph.initializer}
+    users = Counter(name for node in graph.node for name in node.input)
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (node.op_type == "Gemm" and attributes.get("alpha", 1.0) == 1.0 and attributes.get("beta", 1.0) == 1.0
+                 and not attributes.get("transA", 0) and node.input[1] in constants and users[node.input[1]] == 1)
+        if not plain:
+            nodes.append(node)
+            continue
+        if attributes.get("transB", 0):
+            weights = constants[node.input[1]]
+            weights.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weights).T), weights.name))
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        product = f"{node.output[0]}_MatMul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=f"{node.name}_MatMul" if node.name else ""))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add" if node.name else ""))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(target))
+    return rewritten

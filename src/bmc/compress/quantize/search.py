@@ -2,8 +2,9 @@
 
 The obvious call (`quantize_static` on a fresh export) often gives a slower model, or one that
 silently loses accuracy. So the graph is pre-processed once, a short list of recipes that suit this
-CPU is quantized, every candidate is measured against the fp32 model in the same run (speed at
-each batch size, accuracy on held-out data), and the fastest one that is faster everywhere and
+CPU (dynamic int8 among them where matrix products do most of the work) is quantized, every
+candidate is measured against the fp32 model in the same run (speed at each batch size, accuracy
+on held-out data), and the fastest one that is faster everywhere and
 within the accuracy budget is kept (the smallest file among those within timing noise of it), or
 fp32 is kept and the report says why. When the recipes are fast enough but lose too much, the
 fastest is retried with another calibration method and with its most sensitive layers in float.
@@ -23,7 +24,8 @@ from bmc.artifact import sha256_file, write_sidecar_sha256
 from bmc.compress.compare import Contender, Settings, compare
 from bmc.compress.quantize.calibration import Calibration, prepare
 from bmc.compress.quantize.config import QuantizeConfig
-from bmc.compress.quantize.recipes import QuantRecipe, candidate_recipes, plain_recipes, quantize_with_recipe
+from bmc.compress.quantize.compute import is_matmul_heavy
+from bmc.compress.quantize.recipes import QuantRecipe, plain_recipes, quantize_with_recipe, recipes_to_try
 from bmc.compress.quantize.runtimes import FP32, choose_file, file_choices, onnxruntime_only, search_targets
 from bmc.compress.quantize.sensitivity import sensitive_nodes
 from bmc.errors import BmcError
@@ -109,11 +111,14 @@ def lost_on_accuracy_only(result: QuantizeResult, config: QuantizeConfig) -> boo
     )
 
 
-def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, baseline_path: Path | None = None) -> QuantizeResult:
+def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, baseline_path: Path | None = None,
+                  recipes_tried: str = "auto") -> QuantizeResult:
     """Quantize model_path to int8 by the best measured recipe; writes out_dir/model-int8.onnx when one is accepted.
 
     Speed and accuracy are judged against baseline_path (default: model_path itself); quantization-aware
     fine-tuning passes the original model here, so its budget is the original's accuracy.
+    recipes_tried (recipes.RECIPE_SETS): "auto" tries the static recipes, and the dynamic one too
+    where matrix products do most of the model's compute; "static" or "dynamic" only those.
     """
     from bmc.environment import cpu_info
 
@@ -125,10 +130,18 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
     try:
         calibration = prepare(model_path, config, work)
         flags = cpu_info()["flags"]
-        made, recipes = [], {}
-        for recipe in candidate_recipes(flags):
+        made, recipes, unmade = [], {}, []
+        matmul_heavy = recipes_tried == "auto" and is_matmul_heavy(calibration.model)
+        for recipe in recipes_to_try(flags, recipes_tried, matmul_heavy):
             path = work / f"int8-{recipe.name}.onnx"
-            routed = quantize_with_recipe(calibration, path, recipe, batch_sizes=config.batch_sizes, threads=config.threads)
+            try:
+                routed = quantize_with_recipe(calibration, path, recipe, batch_sizes=config.batch_sizes, threads=config.threads)
+            except BmcError as exc:
+                if not recipe.dynamic:
+                    raise
+                # The dynamic recipe is an extra try beside the static ones: its failure rejects it alone.
+                unmade.append(Candidate(recipe.name, "", 0, None, None, {}, {}, accepted=False, reason=f"could not be made: {exc}"))
+                continue
             if recipe.gemm_convolutions and not routed:
                 continue  # no convolution ran faster as a GEMM: the same file as the recipe without it
             made.append((recipe.name, path))
@@ -139,8 +152,12 @@ def quantize_int8(model_path: Path, out_dir: Path, config: QuantizeConfig, basel
         # (quantization-aware fine-tuning judges against the original, which it cannot hand over).
         fp32_elsewhere = [(FP32, reference)] if baseline_path is None and len(targets) > 1 else []
         candidates, baseline = _measure(reference, made, config, calibration.data, targets, fp32_elsewhere)
+        for candidate in unmade:
+            candidate.target = targets[0]
+        candidates = unmade + candidates
         fallback_note = ""
-        fast_enough = [c for c in candidates if c.recipe != FP32 and _fast_enough(c, config)]
+        # The fallback recalibrates and keeps layers in float: static recipes only (dynamic ones calibrate nothing).
+        fast_enough = [c for c in candidates if c.recipe in recipes and not recipes[c.recipe].dynamic and _fast_enough(c, config)]
         if not any(c.accepted for c in candidates if c.recipe != FP32) and config.measure_accuracy and fast_enough:
             fastest = recipes[max(fast_enough, key=lambda c: c.mean_speedup).recipe]
             more, fallback_note = _accuracy_fallback(reference, calibration, fastest, work, config, targets)
