@@ -46,5 +46,30 @@ def write_results(name: str, results: dict, out: Path | None = None) -> Path:
     return path
 
 
+def print_compress(report) -> None:
+    """What a compress run decided: each int8 candidate on each runtime target (the search's own
+    timing, against fp32 on onnxruntime), the choice against the best on onnxruntime alone, and the
+    summary's rows measured together in one closing run."""
+    from bmc.compress import QuantizeResult
+
+    quantized = report.stage(QuantizeResult)
+    if quantized is not None:
+        rows = [[c.recipe, c.target.label, *(f"{c.speedup.get(b, 0):.2f}x" for b in (1, 32)),
+                 f"{-c.accuracy_drop_points:+.2f}" if c.accuracy_drop_points is not None else "-",
+                 f"chosen for batch {', '.join(map(str, c.chosen_for))}" if c.chosen_for else c.reason[:70]]
+                for c in quantized.candidates]
+        print_table("candidates (search timing, against fp32 on onnxruntime)", ["file", "runtime", "b1", "b32", "accuracy pt", "decision"], rows)
+        print(f"\nchosen: {quantized.note}")
+        if quantized.onnxruntime_only_speedup:
+            print("best on onnxruntime's defaults alone: " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in quantized.onnxruntime_only_speedup.items()))
+    summary = [[row.stage, row.runtime, f"{row.size_bytes / 1e6:.2f} MB ({row.size_ratio:.2f}x)",
+                f"{row.accuracy:.2%}" if row.accuracy is not None else "-",
+                *(f"{row.latency_ms[b]:.3f} ms ({row.speedup.get(b, 1.0):.2f}x)" for b in (1, 32))]
+               for row in report.summary]
+    print_table("compress summary (ratios to the fp32 original on onnxruntime, same run)", ["model", "runtime", "size", "accuracy", "batch 1", "batch 32"], summary)
+    for note in report.notes:
+        print(f"note: {note}")
+
+
 def dump(obj) -> str:
     return json.dumps(obj, indent=2)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_CIFAR, print_table, write_results  # noqa: E402
+from common import SHARED_CIFAR, print_compress, write_results  # noqa: E402
 
-from bmc.compress import CompressConfig, QuantizeConfig, QuantizeResult, compress  # noqa: E402
+from bmc.compress import CompressConfig, QuantizeConfig, compress  # noqa: E402
 from bmc.compress.quantize.config import InputPreprocessing  # noqa: E402
 
 
@@ -65,18 +65,7 @@ def main() -> None:
     report = compress(CompressConfig(source=source, out=args.scratch / "compressed", quantization=QuantizeConfig(
         calib_data="images", calib_data_dir=images, preprocessing=InputPreprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))))
     seconds = time.perf_counter() - started
-    quantized = report.stage(QuantizeResult)
-    rows = [[c.recipe, c.target.label, *(f"{c.speedup.get(b, 0):.2f}x" for b in (1, 32)),
-             f"chosen for batch {', '.join(map(str, c.chosen_for))}" if c.chosen_for else c.reason[:70]]
-            for c in quantized.candidates]
-    print_table(f"candidates on {source.name} (search timing, against fp32 on onnxruntime)", ["file", "runtime", "b1", "b32", "decision"], rows)
-    print(f"\nchosen: {quantized.note}")
-    print("best on onnxruntime's defaults alone: " + ", ".join(f"{s:.2f}x at batch {b}" for b, s in quantized.onnxruntime_only_speedup.items()))
-    summary = [[row.stage, row.runtime, f"{row.size_bytes / 1e6:.2f} MB", *(f"{row.latency_ms[b]:.2f} ms ({row.speedup.get(b, 1.0):.2f}x)" for b in (1, 32))]
-               for row in report.summary]
-    print_table("compress summary (ratios to the fp32 original, same run)", ["model", "runtime", "size", "batch 1", "batch 32"], summary)
-    for note in report.notes:
-        print(f"note: {note}")
+    print_compress(report)
     print(f"\ncompress took {seconds:.0f} s")
     write_results(f"compress_foreign_onnx_{args.model}_{args.input_size}", {
         "command": command, "images": args.images, "compress_seconds": round(seconds, 1), "report": report.to_dict(),

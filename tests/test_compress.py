@@ -829,7 +829,7 @@ def test_an_image_folder_run_is_calibrated_on_its_own_folder_without_being_told(
     # The run records where its images live; calibration after pruning used to need --calib-data-dir
     # and failed only after the fine-tuning had run.
     train(TrainConfig(data=DataConfig(name="imagefolder", data_dir=cifar_slice), model="seed-cifar-cnn", epochs=2, batch_size=50))
-    report = compress(CompressConfig(prune=0.3, quantize="int8", finetune_epochs=1, quantization=QuantizeConfig(calib_samples=64)))
+    report = compress(CompressConfig(prune=0.3, quantize="int8", finetune_epochs=1, quantization=QUICK))
     quantized = _stage(report, QuantizeResult)
     assert quantized.candidates and quantized.baseline_accuracy is not None
     assert all(row.accuracy is not None for row in report.summary)
@@ -850,7 +850,8 @@ def test_teacher_distills_into_another_architecture(digits_onnx, workdir):
 @slow
 def test_quantization_aware_fine_tuning_then_measured_int8(workdir):
     train(TrainConfig(epochs=5))
-    report = run_bmc("compress", "--quantize", "qat", "--finetune-epochs", "2", "--calib-samples", "64", "--json", cwd=workdir)
+    report = run_bmc("compress", "--quantize", "qat", "--finetune-epochs", "2", "--calib-samples", "64", "--json",
+                     "--runtime", "onnxruntime", "--threads", "1", cwd=workdir)
     assert report.returncode == 0, report.stderr  # --quantize qat, QAT's spelling before --qat, still means it
     written = json.loads(report.stdout)
     # The run had no model.onnx yet: exported first, as every later stage measures against it.
