@@ -51,7 +51,7 @@ def cpu_info() -> dict:
     }
 
 
-def library_versions(names: tuple[str, ...] = ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy")) -> dict:
+def library_versions(names: tuple[str, ...] = ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy")) -> dict:
     versions = {"python": sys.version.split()[0]}
     for name in names:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def quantize_with_recipe(
         cache = {"calibration_cache_path": str(calibration.ranges_file)}
     try:
         # Its histogram calibrators print their settings to stdout; bmc's output stays bmc's.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_quantizer():
             quantize_static(
                 str(calibration.model),
                 str(target),
@@ -172,7 +173,7 @@ def _quantize_dynamic(model: Path, target: Path, recipe: QuantRecipe, exclude: t
     as_matmuls = target.with_name(f".{target.stem}-matmul{target.suffix}")
     try:
         gemms_as_matmuls(model, as_matmuls)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_quantizer():
             quantize_dynamic(
                 str(as_matmuls),
                 str(target),
@@ -195,3 +196,17 @@ def _quantize_dynamic(model: Path, target: Path, recipe: QuantRecipe, exclude: t
     if not DYNAMIC_INT8_OPS & {node.op_type for node in onnx.load(str(target), load_external_data=False).graph.node}:
         target.unlink(missing_ok=True)
         raise BmcError(f"{model.name}: int8 quantization ({recipe.name}) found no {', '.join(DYNAMIC_OP_TYPES)} with constant weights to quantize")
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizer prints progress to stdout and logs a warning on the root logger for
+    every tensor it leaves alone (hundreds on a Transformer: its shape-computing Gathers); what it
+    found is reported by the search, so neither reaches the user."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
