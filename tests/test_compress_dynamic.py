@@ -173,3 +173,15 @@ def test_cli_int8_dynamic_prints_the_dynamic_recipe(mlp_run, workdir):
     candidate_lines = [line for line in result.stdout.splitlines() if line.startswith("  ") and "at batch 1" in line]
     assert len(candidate_lines) == 1 and candidate_lines[0].split()[0] == _dynamic_name(), result.stdout
     assert "pt  [" in candidate_lines[0]  # its accuracy was measured
+
+
+def test_quantizing_a_transformer_writes_nothing_to_the_terminal(digits_runs, workdir, capfd, caplog):
+    """onnxruntime's quantizer logs a root warning per tensor it leaves alone (hundreds on a
+    Transformer's shape Gathers) and prints progress; the search reports what matters instead."""
+    calibration = prepare(digits_runs["transformer"] / "model.onnx", QUICK, workdir)
+    capfd.readouterr()
+    for recipe in (dynamic_recipe(cpu_info()["flags"]), candidate_recipes(cpu_info()["flags"])[0]):
+        quantize_with_recipe(calibration, workdir / f"{recipe.name}.onnx", recipe)
+        assert (workdir / f"{recipe.name}.onnx").is_file()
+    out, err = capfd.readouterr()
+    assert out == "" and err == "" and not caplog.records, (out[:300], err[:300], caplog.records[:3])
